@@ -1,0 +1,50 @@
+"""Job entry point: ``python -m backend train --config CONFIG [--no-ray]``.
+
+CONFIG is a TrainConfig as a JSON file path or as the JSON object itself (what the job
+client submits, so the cluster needs no file from the submitting machine).
+
+Ray Jobs runs this as the job's driver; ``--no-ray`` runs the same training in this
+process without Ray (e.g. on a GPU machine that has no Ray installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from backend.config import ConfigError, TrainConfig
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend")
+    commands = parser.add_subparsers(dest="command", required=True)
+    train = commands.add_parser("train", help="fine-tune SAM as described by a config.json")
+    train.add_argument("--config", required=True, help="TrainConfig JSON: a file path or the JSON object")
+    train.add_argument("--no-ray", action="store_true", help="train in this process, without Ray")
+    args = parser.parse_args(argv)
+    try:
+        if args.config.lstrip().startswith("{"):
+            config = TrainConfig.from_dict(json.loads(args.config))
+        else:
+            config = TrainConfig.from_json(args.config)
+    except (ConfigError, OSError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.no_ray:
+        from backend.training import train as train_locally
+
+        model = train_locally(config)
+    else:
+        import ray
+
+        from backend.ray_train import run
+
+        ray.init()  # inside a Ray job this connects to the job's cluster
+        model = run(config)
+    print(f"model written to {model}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The training configuration: one validated dataclass, written to ``config.json`` of a run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+MODES = ("decoder", "full", "lora")
+"""decoder: image encoder frozen, embeddings computed once; full: every weight trains;
+lora: low-rank adapters in the image encoder's attention (micro-sam's PEFT), decoder trains."""
+
+LR_SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ConfigError(ValueError):
+    """A training setting is invalid; the message says which and how to fix it."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs, validated when created.
+
+    Paths (``data``, ``storage``) must be reachable from wherever the run executes: for
+    the embedded local Ray that is this computer; for a cluster, shared storage.
+    """
+
+    data: str
+    """Dataset (contract 1), a ``.zarr`` folder."""
+    storage: str
+    """Folder that receives the run directory ``<storage>/<run_name>/`` (contract 2)."""
+    model: str = "vit_b_lm"
+    """Starting weights: a micro-sam zoo name, a checkpoint path or ``random:<type>``."""
+    mode: str = "decoder"
+    run_name: str = ""
+    """Unique per submission; generated from time, model and mode when empty."""
+    epochs: int = 10
+    lr: float | None = None
+    """Peak learning rate; None picks the mode's default (see ``learning_rate``)."""
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 1e-2
+    batch_size: int = 1
+    """Images (decoder mode) or crops (full/lora) per step and worker."""
+    grad_accumulation: int = 1
+    patch_shape: tuple[int, int] = (512, 512)
+    """Crop size for full/lora modes (pixels, H x W); decoder mode trains on whole images."""
+    min_objects: int = 1
+    """A training crop contains at least this many objects."""
+    samples_per_epoch: int | None = None
+    """Training crops per epoch (full/lora); None = one per training image."""
+    n_objects_per_batch: int = 25
+    n_sub_iteration: int = 8
+    """Prompting rounds per step: corrective points from the error, previous logits fed back."""
+    mask_prob: float = 0.5
+    lora_rank: int = 4
+    precision: str = "auto"
+    """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    loader_workers: int = 0
+    """Processes preparing training crops per worker (full/lora); 0 = in the training process."""
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    max_failures: int = 2
+    """Worker failures Ray Train recovers from, resuming from the last epoch checkpoint."""
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form notes carried into meta.json (e.g. who submitted, from which widget)."""
+
+    def __post_init__(self) -> None:
+        self.patch_shape = tuple(int(s) for s in self.patch_shape)  # JSON gives lists
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+        positive = {
+            "epochs": self.epochs, "batch_size": self.batch_size, "grad_accumulation": self.grad_accumulation,
+            "min_objects": self.min_objects, "n_objects_per_batch": self.n_objects_per_batch,
+            "n_sub_iteration": self.n_sub_iteration, "lora_rank": self.lora_rank, "workers": self.workers,
+            "cpus_per_worker": self.cpus_per_worker,
+        }
+        for name, value in positive.items():
+            if int(value) != value or value < 1:
+                raise ConfigError(f"{name} must be a whole number >= 1, got {value}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise ConfigError(f"lr must be between 0 and 1 (typical: 1e-5 to 1e-4), got {self.lr}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise ConfigError(f"samples_per_epoch must be >= 1 or empty, got {self.samples_per_epoch}")
+        if len(self.patch_shape) != 2 or min(self.patch_shape) < 64:
+            raise ConfigError(f"patch_shape must be two sizes >= 64 pixels, got {self.patch_shape}")
+        if not 0 <= self.mask_prob <= 1:
+            raise ConfigError(f"mask_prob must be between 0 and 1, got {self.mask_prob}")
+        if self.max_failures < 0 or self.warmup_steps < 0 or self.loader_workers < 0:
+            raise ConfigError("max_failures, warmup_steps and loader_workers must be >= 0")
+        if self.mode == "lora" and self.model.removeprefix("random:").startswith("vit_t"):
+            raise ConfigError(
+                "LoRA needs a ViT image encoder (vit_b, vit_l, vit_h or tiny); vit_t (MobileSAM) has none. "
+                "Use --mode decoder or --mode full with vit_t, or pick a vit_b model for LoRA."
+            )
+        if not self.run_name:
+            stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S-%f")
+            model = re.sub(r"[^A-Za-z0-9._-]", "_", Path(self.model).name)[:40]
+            self.run_name = f"{stamp}-{model}-{self.mode}"
+        if not _RUN_NAME.match(self.run_name):
+            raise ConfigError(
+                f"run_name '{self.run_name}' may only use letters, digits, '.', '_' and '-' (max 128 characters)"
+            )
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate: micro-sam's 1e-5 when the encoder trains, 1e-4 for the decoder alone."""
+        if self.lr is not None:
+            return self.lr
+        return 1e-4 if self.mode == "decoder" else 1e-5
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.storage) / self.run_name
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown training settings: {', '.join(unknown)}")
+        return cls(**values)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "TrainConfig":
+        return cls.from_dict(json.loads(Path(path).read_text()))

@@ -1,0 +1,81 @@
+"""Ray Train around the plain-PyTorch fine-tuner: workers, checkpoints, resume.
+
+``run(config)`` is called by the job's driver process (``python -m backend train``)
+inside a Ray job; it starts ``config.workers`` TorchTrainer workers, each running
+``SamFineTuner`` on its shard. Rank 0 writes ``metrics.jsonl``, ``progress.json`` and,
+last, the model folder (contract 2). Every epoch a checkpoint is reported to Ray Train;
+after a worker failure Ray restarts the group (up to ``max_failures`` times) and the
+workers resume from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import ray.train
+import ray.train.torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from backend.config import TrainConfig
+from backend.training import RunDirectory, SamFineTuner, load_state, save_state
+
+_STATE_FILE = "state.pt"
+
+
+def train_loop_per_worker(config_values: dict) -> None:
+    """One Ray Train worker: resume if a checkpoint exists, train the remaining epochs, export."""
+    config = TrainConfig.from_dict(config_values)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    run = RunDirectory(config)
+    tuner = SamFineTuner(
+        config,
+        device=ray.train.torch.get_device(),
+        rank=rank,
+        world_size=world_size,
+        progress=run.write_progress,
+    )
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            start = tuner.load_state(load_state(Path(folder) / _STATE_FILE))
+        print(f"rank {rank}: resuming after epoch {start - 1} from {checkpoint.path}", flush=True)
+    if rank == 0:
+        run.keep_metrics_before(start)
+    for epoch in range(start, config.epochs):
+        record = tuner.run_epoch(epoch)
+        if rank != 0:
+            ray.train.report(record.to_dict())
+            continue
+        with tempfile.TemporaryDirectory() as folder:
+            save_state(tuner.state(epoch), Path(folder) / _STATE_FILE)
+            ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
+        run.append_metrics(record)  # after the checkpoint is stored: a metrics line means the epoch is safe
+    if rank == 0:
+        run.export_model(tuner)
+
+
+def run(config: TrainConfig) -> Path:
+    """Train under Ray Train on the cluster this process is connected to; returns the model folder."""
+    run_dir = RunDirectory(config)
+    run_dir.create()
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config.to_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=config.workers,
+            use_gpu=config.use_gpu,
+            resources_per_worker={"CPU": config.cpus_per_worker, **({"GPU": 1} if config.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=config.run_name,
+            storage_path=str(Path(config.storage).resolve()),  # Ray's folders land in the run dir
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    trainer.fit()
+    return config.run_dir / "model"

@@ -1,0 +1,483 @@
+"""Plain-PyTorch SAM fine-tuning with micro-sam's iterative prompting recipe.
+
+One optimisation step is micro-sam's own: ``SamTrainer._interactive_train_iteration``
+(a point or box start, corrective points sampled from the error, previous mask logits
+fed back with probability ``mask_prob``, loss = Dice + IoU-prediction MSE), driven here
+by a loop that Ray Train (``backend.ray_train``) or a plain process can run. Nothing
+in this module imports Ray.
+
+Data parallelism averages gradients with one ``all_reduce`` per optimiser step instead
+of wrapping the model in DDP: iterative prompting calls the mask decoder several times
+per step and multimask/single-mask rounds leave different parameters unused, which
+DDP's reducer does not support.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from micro_sam.models.peft_sam import PEFT_Sam
+from micro_sam.training.sam_trainer import SamTrainer
+from micro_sam.training.trainable_sam import TrainableSAM
+from micro_sam.training.util import ConvertToSamInputs
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+
+from backend.config import TrainConfig
+from backend.dataset import Dataset, TrainingCrops, open_dataset
+from backend.models import LoadedModel, load_model, save_model_folder
+
+ProgressCallback = Callable[[int, int, int], None]
+"""progress(epoch, step, steps_per_epoch), called on rank 0 after every optimiser step."""
+
+_BOX_DISTORTION = 0.025  # micro-sam's train_sam default
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    """One line of ``metrics.jsonl`` (contract 2)."""
+
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_iou: float
+    lr: float
+    samples_per_s: float
+    elapsed_s: float
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+class _PrecomputedEmbeddingSAM(TrainableSAM):
+    """TrainableSAM whose image embeddings for the next step are set by the caller.
+
+    Decoder mode computes every embedding once; micro-sam's step asks the model for them
+    through ``image_embeddings_oft``, so this hands back the stored ones instead.
+    """
+
+    step_embeddings: tuple[torch.Tensor, tuple[int, int]] | None = None
+
+    def image_embeddings_oft(self, batched_inputs):
+        embeddings, input_size = self.step_embeddings
+        for record in batched_inputs:
+            record["input_size"] = input_size
+        return embeddings, batched_inputs
+
+
+def resolve_device(config: TrainConfig) -> torch.device:
+    """The device a single worker trains on: the first GPU when ``use_gpu``, else the CPU."""
+    if config.use_gpu:
+        if not torch.cuda.is_available():
+            raise RuntimeError("use_gpu is set but PyTorch sees no GPU here; drop --gpu or run on a GPU node")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.precision == "fp32" or (config.precision == "auto" and device.type != "cuda"):
+        return None
+    if config.precision in ("auto", "bf16"):
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            return torch.float16 if config.precision == "auto" else None
+        return torch.bfloat16
+    return torch.float16
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Run a block with fixed numpy/python/torch RNG state and restore the outer state after."""
+    states = (np.random.get_state(), random.getstate(), torch.get_rng_state())
+    np.random.seed(seed)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(states[0])
+        random.setstate(states[1])
+        torch.set_rng_state(states[2])
+
+
+class SamFineTuner:
+    """Fine-tunes one SAM model on one worker (rank) of a possibly distributed run.
+
+    Lifecycle: construct (loads model and data, computes decoder-mode embeddings once),
+    optionally ``load_state`` to resume, then ``run_epoch`` for each epoch, then
+    ``best_sam`` for the model to export. With ``world_size > 1`` a torch.distributed
+    process group must already be initialised (Ray Train does it).
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        *,
+        device: torch.device | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+        progress: ProgressCallback | None = None,
+    ) -> None:
+        self.config = config
+        self.device = device or resolve_device(config)
+        self.rank, self.world_size = rank, world_size
+        self.progress = progress
+        self.dataset: Dataset = open_dataset(config.data)
+        self.train_ids = self.dataset.require_objects("train")
+        self.val_ids = self.dataset.require_objects("val")
+        self.loaded: LoadedModel = load_model(config.model, device=self.device)
+
+        torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
+        sam = self.loaded.sam
+        if config.mode == "lora":
+            sam = PEFT_Sam(sam, rank=config.lora_rank).sam
+        elif config.mode == "decoder":
+            for param in sam.image_encoder.parameters():
+                param.requires_grad = False
+        sam.to(self.device)
+        self.model = (_PrecomputedEmbeddingSAM if config.mode == "decoder" else TrainableSAM)(sam)
+        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        if world_size > 1:
+            for param in self.model.parameters():
+                dist.broadcast(param.data, src=0)
+
+        self.optimizer = torch.optim.AdamW(
+            self.trainable, lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        self.autocast_dtype = _autocast_dtype(config, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
+        # micro-sam's own step; the loaders, logger and checkpointing of its torch_em base class stay unused.
+        self.step = SamTrainer(
+            convert_inputs=ConvertToSamInputs(transform=self.model.transform, box_distortion_factor=_BOX_DISTORTION),
+            n_sub_iteration=config.n_sub_iteration,
+            n_objects_per_batch=config.n_objects_per_batch,
+            mask_prob=config.mask_prob,
+            name="napari-raysam",
+            train_loader=None,
+            val_loader=None,
+            model=self.model,
+            optimizer=self.optimizer,
+            device=self.device,
+            logger=None,
+            mixed_precision=False,
+        )
+        self._my_val_ids = self.val_ids[rank::world_size]
+        if config.mode == "decoder":
+            # every rank takes the same number of images (wrapping around), so collectives stay in step
+            per_rank = math.ceil(len(self.train_ids) / world_size)
+            self._my_train_ids = [
+                self.train_ids[(rank + k * world_size) % len(self.train_ids)] for k in range(per_rank)
+            ]
+            self._embeddings = {
+                sample_id: self._embed(sample_id) for sample_id in dict.fromkeys(self._my_train_ids + self._my_val_ids)
+            }
+            self.loader = None
+            micro_batches = len(self._my_train_ids)
+        else:
+            crops = TrainingCrops(
+                self.dataset, "train", patch_shape=config.patch_shape, min_objects=config.min_objects,
+                length=config.samples_per_epoch, seed=config.seed,
+            )
+            sampler = (
+                DistributedSampler(crops, num_replicas=world_size, rank=rank, seed=config.seed)
+                if world_size > 1 else RandomSampler(crops)
+            )
+            self.loader = DataLoader(
+                crops, batch_size=config.batch_size, sampler=sampler, num_workers=config.loader_workers,
+                pin_memory=self.device.type == "cuda",
+            )
+            micro_batches = len(self.loader)
+        per_step = config.batch_size if config.mode == "decoder" else 1
+        self.steps_per_epoch = max(1, math.ceil(micro_batches / (per_step * config.grad_accumulation)))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.best: dict = {"val_loss": math.inf, "epoch": -1, "state": None}
+
+    # -- schedule -------------------------------------------------------------------------
+    def _lr_factor(self, step: int) -> float:
+        config = self.config
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        total = max(1, self.steps_per_epoch * config.epochs - config.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / total)))
+
+    # -- data -----------------------------------------------------------------------------
+    def _embed(self, sample_id: str) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(1, 256, 64, 64) embedding of a whole image and SAM's input size, from the dataset or computed."""
+        stored = self.dataset.embedding(sample_id, self.loaded.encoder_fingerprint)
+        if stored is not None:
+            array, attrs = stored
+            return torch.from_numpy(array.astype(np.float32))[None].to(self.device), tuple(attrs["input_size"])
+        image = torch.from_numpy(self.dataset.sam_image(sample_id))
+        with torch.no_grad(), self._autocast():
+            embeddings, records = TrainableSAM.image_embeddings_oft(self.model, [{"image": image}])
+        return embeddings.float(), tuple(records[0]["input_size"])
+
+    def _whole_image(self, sample_id: str, with_pixels: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (1, 3, H, W) image batch and its (1, 1, H, W) labels."""
+        labels = torch.from_numpy(self.dataset.labels(sample_id).astype(np.float32))[None, None]
+        height, width = labels.shape[-2:]
+        if with_pixels:
+            image = torch.from_numpy(self.dataset.sam_image(sample_id))[None]
+        else:  # decoder mode needs only the image's shape: a zero-stride view costs no memory
+            image = torch.zeros(1).expand(1, 3, height, width)
+        return image, labels
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    def _train_micro_batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, str | None]]:
+        if self.loader is not None:
+            if isinstance(self.loader.sampler, DistributedSampler):
+                self.loader.sampler.set_epoch(epoch)
+            self.loader.dataset.set_epoch(epoch)
+            for x, y in self.loader:
+                yield x, y, None
+            return
+        order = list(self._my_train_ids)
+        random.Random(self.config.seed * 100_003 + epoch * 101 + self.rank).shuffle(order)
+        for sample_id in order:
+            x, y = self._whole_image(sample_id, with_pixels=False)
+            yield x, y, sample_id
+
+    # -- one epoch ------------------------------------------------------------------------
+    def run_epoch(self, epoch: int) -> EpochRecord:
+        """Train one epoch, validate, and return the epoch's metrics reduced over all ranks."""
+        start = time.perf_counter()
+        self.model.train()
+        if self.config.mode == "decoder":
+            self.model.sam.image_encoder.eval()
+        accumulate = self.config.grad_accumulation * (self.config.batch_size if self.loader is None else 1)
+        loss_sum, micro_count, samples, step = 0.0, 0, 0, 0
+        self.optimizer.zero_grad(set_to_none=True)
+        for x, y, sample_id in self._train_micro_batches(epoch):
+            if sample_id is not None:
+                self.model.step_embeddings = self._embeddings[sample_id]
+            with self._autocast():
+                loss = self.step._interactive_train_iteration(x, y)[0]
+            self.scaler.scale(loss / accumulate).backward()
+            self.step._iteration += 1
+            loss_sum += float(loss.detach())
+            micro_count += 1
+            samples += x.shape[0]
+            if micro_count % accumulate == 0:
+                self._optimizer_step()
+                step += 1
+                if self.progress is not None and self.rank == 0:
+                    self.progress(epoch, step, self.steps_per_epoch)
+        if micro_count % accumulate:
+            self._optimizer_step()
+        train_seconds = time.perf_counter() - start
+        lr = self.optimizer.param_groups[0]["lr"]
+        val_loss, val_iou = self.validate()
+        totals = self._sum_over_ranks([loss_sum, micro_count, samples])
+        speeds = self._sum_over_ranks([train_seconds])
+        record = EpochRecord(
+            epoch=epoch,
+            train_loss=totals[0] / max(totals[1], 1),
+            val_loss=val_loss,
+            val_iou=val_iou,
+            lr=lr,
+            samples_per_s=totals[2] / max(speeds[0] / self.world_size, 1e-9),
+            elapsed_s=time.perf_counter() - start,
+        )
+        if record.val_loss < self.best["val_loss"]:
+            self.best = {"val_loss": record.val_loss, "epoch": epoch, "state": self._trainable_state()}
+        return record
+
+    def _optimizer_step(self) -> None:
+        if self.world_size > 1:
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat /= self.world_size
+            offset = 0
+            for param in self.trainable:
+                param.grad = flat[offset:offset + param.numel()].view_as(param).clone()
+                offset += param.numel()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+    @torch.no_grad()
+    def validate(self) -> tuple[float, float]:
+        """Mean loss and mean object IoU on the val split (whole images), same prompts every epoch.
+
+        Prompts cycle as in micro-sam's validation: single point, box, points, box + points.
+        IoU is that of the mask the model ranks best against the true object.
+        """
+        self.model.eval()
+        loss_sum, iou_sum, objects = 0.0, 0.0, 0
+        with _seeded(self.config.seed + 7919):
+            for index, sample_id in enumerate(self._my_val_ids):
+                x, y = self._whole_image(sample_id, with_pixels=self.config.mode != "decoder")
+                n_pos, n_neg, boxes, multimask = self.step._get_prompt_and_multimasking_choices_for_val(index)
+                inputs, ids = self.step.convert_inputs(x, y, n_pos, n_neg, boxes, self.config.n_objects_per_batch)
+                inputs, y_one_hot = self.step._preprocess_batch(inputs, y, ids)
+                if self.config.mode == "decoder":
+                    self.model.step_embeddings = self._embeddings[sample_id]
+                with self._autocast():
+                    embeddings, inputs = self.model.image_embeddings_oft(inputs)
+                    outputs = self.model(inputs, embeddings, multimask_output=multimask)
+                    loss = self.step._compute_loss(outputs, y_one_hot)[0]
+                output = outputs[0]
+                best = output["iou_predictions"].float().argmax(dim=1)
+                masks = output["masks"][torch.arange(len(best)), best][:, None].float()
+                iou = self.step._compute_iou(torch.sigmoid(masks), y_one_hot[0])
+                loss_sum += float(loss)
+                iou_sum += float(iou.sum())
+                objects += len(iou)
+        images = len(self._my_val_ids)
+        totals = self._sum_over_ranks([loss_sum, images, iou_sum, objects])
+        return totals[0] / max(totals[1], 1), totals[2] / max(totals[3], 1)
+
+    # -- state ----------------------------------------------------------------------------
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        names = {id(p): n for n, p in self.model.sam.named_parameters()}
+        return {names[id(p)]: p.detach().cpu().clone() for p in self.trainable}
+
+    def state(self, epoch: int) -> dict:
+        """Everything needed to resume after ``epoch``: tensors and plain values only (weights_only loadable)."""
+        return {
+            "epoch": epoch,
+            "iteration": self.step._iteration,
+            "trainable": self._trainable_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "best_val_loss": self.best["val_loss"],
+            "best_epoch": self.best["epoch"],
+            "best": self.best["state"],
+        }
+
+    def load_state(self, state: dict) -> int:
+        """Restore a ``state()``; returns the first epoch still to train."""
+        self.model.sam.load_state_dict(state["trainable"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.step._iteration = state["iteration"]
+        self.best = {"val_loss": state["best_val_loss"], "epoch": state["best_epoch"], "state": state["best"]}
+        return state["epoch"] + 1
+
+    def best_sam(self):
+        """The model with the weights of the epoch with the lowest val loss (LoRA still attached)."""
+        if self.best["state"] is not None:
+            self.model.sam.load_state_dict(self.best["state"], strict=False)
+        return self.model.sam
+
+
+def save_state(state: dict, path: Path) -> None:
+    """Write a resume state atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+class RunDirectory:
+    """Writes contract 2: ``config.json``, ``metrics.jsonl``, ``progress.json`` and ``model/``."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.path = config.run_dir
+
+    def create(self) -> None:
+        """Make the folder and write ``config.json``; fails clearly when storage is not writable."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            _write_atomic(self.path / "config.json", self.config.to_json())
+        except OSError as error:
+            raise PermissionError(
+                f"cannot write the run directory {self.path}: {error.strerror}. "
+                "Pick a --storage folder you can write to (on a cluster: storage every node can reach)."
+            ) from error
+
+    def metrics(self) -> list[dict]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return []
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+    def keep_metrics_before(self, epoch: int) -> None:
+        """After a resume, drop lines of epochs that are trained again."""
+        kept = [m for m in self.metrics() if m["epoch"] < epoch]
+        _write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+
+    def append_metrics(self, record: EpochRecord) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record.to_dict()) + "\n")
+
+    def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        progress = {"epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch}
+        _write_atomic(self.path / "progress.json", json.dumps(progress))
+
+    def export_model(self, tuner: SamFineTuner) -> Path:
+        metrics = self.metrics()
+        best = {"best_epoch": tuner.best["epoch"], "best_val_loss": tuner.best["val_loss"]}
+        return save_model_folder(
+            tuner.best_sam(), self.path / "model",
+            model_type=tuner.loaded.model_type,
+            base_model=self.config.model,
+            mode=self.config.mode,
+            dataset_fingerprint=tuner.dataset.fingerprint(),
+            metrics={**best, "epochs": metrics},
+            config=self.config.to_dict(),
+        )
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
+        f.write(text)
+    os.replace(f.name, path)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = True,
+    on_epoch: Callable[[EpochRecord], None] | None = None,
+) -> Path:
+    """Fine-tune in this process, without Ray, and return the exported model folder.
+
+    Writes the run directory like a Ray run; the per-epoch resume state goes to
+    ``<run>/resume_state.pt`` and is picked up when the same run is started again.
+    """
+    run = RunDirectory(config)
+    run.create()
+    tuner = SamFineTuner(config, progress=run.write_progress)
+    state_path = run.path / "resume_state.pt"
+    start = tuner.load_state(load_state(state_path)) if resume and state_path.exists() else 0
+    run.keep_metrics_before(start)
+    for epoch in range(start, config.epochs):
+        record = tuner.run_epoch(epoch)
+        save_state(tuner.state(epoch), state_path)
+        run.append_metrics(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return run.export_model(tuner)

@@ -1,0 +1,33 @@
+"""Shared fixtures: small synthetic datasets, loopback-only Ray, an isolated state folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from backend.dataset import write_samples
+from synthetic import cell_samples
+
+# Every Ray port on 127.0.0.1 (see DESIGN.md); set before any test starts Ray.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+@pytest.fixture(scope="session")
+def cell_dataset(tmp_path_factory) -> Path:
+    """A 3-train / 1-val dataset of (3, 128, 128) synthetic cell images, 6 cells each."""
+    path = tmp_path_factory.mktemp("data") / "cells.zarr"
+    write_samples(
+        path,
+        cell_samples(3, "train", seed=1, shape=(128, 128), n_cells=6)
+        + cell_samples(1, "val", seed=2, shape=(128, 128), n_cells=6),
+    )
+    return path
+
+
+@pytest.fixture(autouse=True)
+def isolated_state(tmp_path, monkeypatch):
+    """Keep napari-raysam's state folder (local cluster record, token) per test."""
+    monkeypatch.setenv("NAPARI_RAYSAM_HOME", str(tmp_path / "state"))
