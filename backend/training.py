@@ -97,17 +97,18 @@ def _autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | 
 
 @contextmanager
 def _seeded(seed: int) -> Iterator[None]:
-    """Run a block with fixed numpy/python/torch RNG state and restore the outer state after."""
-    states = (np.random.get_state(), random.getstate(), torch.get_rng_state())
-    np.random.seed(seed)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        yield
-    finally:
-        np.random.set_state(states[0])
-        random.setstate(states[1])
-        torch.set_rng_state(states[2])
+    """Run a block with fixed numpy/python/torch (CPU and CUDA) RNG state; restore the outer state after."""
+    states = (np.random.get_state(), random.getstate())
+    cuda_devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda_devices):
+        np.random.seed(seed)
+        random.seed(seed)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            np.random.set_state(states[0])
+            random.setstate(states[1])
 
 
 class SamFineTuner:
@@ -172,6 +173,7 @@ class SamFineTuner:
             mixed_precision=False,
         )
         self._my_val_ids = self.val_ids[rank::world_size]
+        self._labels: dict[str, torch.Tensor] = {}
         if config.mode == "decoder":
             # every rank takes the same number of images (wrapping around), so collectives stay in step
             per_rank = math.ceil(len(self.train_ids) / world_size)
@@ -201,6 +203,7 @@ class SamFineTuner:
         self.steps_per_epoch = max(1, math.ceil(micro_batches / (per_step * config.grad_accumulation)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.best: dict = {"val_loss": math.inf, "epoch": -1, "state": None}
+        self._val_prompts = self._sample_val_prompts()
 
     # -- schedule -------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -225,8 +228,10 @@ class SamFineTuner:
         return embeddings.float(), tuple(records[0]["input_size"])
 
     def _whole_image(self, sample_id: str, with_pixels: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (1, 3, H, W) image batch and its (1, 1, H, W) labels."""
-        labels = torch.from_numpy(self.dataset.labels(sample_id).astype(np.float32))[None, None]
+        """A (1, 3, H, W) image batch and its (1, 1, H, W) labels (kept in memory after the first read)."""
+        if sample_id not in self._labels:
+            self._labels[sample_id] = torch.from_numpy(self.dataset.labels(sample_id).astype(np.float32))[None, None]
+        labels = self._labels[sample_id]
         height, width = labels.shape[-2:]
         if with_pixels:
             image = torch.from_numpy(self.dataset.sam_image(sample_id))[None]
@@ -274,12 +279,9 @@ class SamFineTuner:
             micro_count += 1
             samples += x.shape[0]
             if micro_count % accumulate == 0:
-                self._optimizer_step()
-                step += 1
-                if self.progress is not None and self.rank == 0:
-                    self.progress(epoch, step, self.steps_per_epoch)
+                step = self._optimizer_step(epoch, step)
         if micro_count % accumulate:
-            self._optimizer_step()
+            self._optimizer_step(epoch, step)
         train_seconds = time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]
         val_loss, val_iou = self.validate()
@@ -298,7 +300,8 @@ class SamFineTuner:
             self.best = {"val_loss": record.val_loss, "epoch": epoch, "state": self._trainable_state()}
         return record
 
-    def _optimizer_step(self) -> None:
+    def _optimizer_step(self, epoch: int, step: int) -> int:
+        """Average gradients over ranks, update, report progress; returns the step count after it."""
         if self.world_size > 1:
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.trainable]
             flat = torch.cat([g.reshape(-1) for g in grads])
@@ -312,6 +315,9 @@ class SamFineTuner:
         self.scaler.update()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.progress is not None and self.rank == 0:
+            self.progress(epoch, step + 1, self.steps_per_epoch)
+        return step + 1
 
     def _sum_over_ranks(self, values: list[float]) -> list[float]:
         if self.world_size == 1:
@@ -319,6 +325,20 @@ class SamFineTuner:
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def _sample_val_prompts(self) -> dict[str, tuple[list[dict], list, bool]]:
+        """Prompts for every val image, drawn once: the same each epoch, and micro-sam's negative-point
+        sampling (mask dilations on the CPU, seconds per object on large images) is paid only here."""
+        prompts = {}
+        with _seeded(self.config.seed + 7919):
+            for index, sample_id in enumerate(self._my_val_ids):
+                x, y = self._whole_image(sample_id, with_pixels=False)
+                n_pos, n_neg, boxes, multimask = self.step._get_prompt_and_multimasking_choices_for_val(index)
+                inputs, ids = self.step.convert_inputs(x, y, n_pos, n_neg, boxes, self.config.n_objects_per_batch)
+                for record in inputs:
+                    del record["image"]
+                prompts[sample_id] = (inputs, ids, multimask)
+        return prompts
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
@@ -329,25 +349,23 @@ class SamFineTuner:
         """
         self.model.eval()
         loss_sum, iou_sum, objects = 0.0, 0.0, 0
-        with _seeded(self.config.seed + 7919):
-            for index, sample_id in enumerate(self._my_val_ids):
-                x, y = self._whole_image(sample_id, with_pixels=self.config.mode != "decoder")
-                n_pos, n_neg, boxes, multimask = self.step._get_prompt_and_multimasking_choices_for_val(index)
-                inputs, ids = self.step.convert_inputs(x, y, n_pos, n_neg, boxes, self.config.n_objects_per_batch)
-                inputs, y_one_hot = self.step._preprocess_batch(inputs, y, ids)
-                if self.config.mode == "decoder":
-                    self.model.step_embeddings = self._embeddings[sample_id]
-                with self._autocast():
-                    embeddings, inputs = self.model.image_embeddings_oft(inputs)
-                    outputs = self.model(inputs, embeddings, multimask_output=multimask)
-                    loss = self.step._compute_loss(outputs, y_one_hot)[0]
-                output = outputs[0]
-                best = output["iou_predictions"].float().argmax(dim=1)
-                masks = output["masks"][torch.arange(len(best)), best][:, None].float()
-                iou = self.step._compute_iou(torch.sigmoid(masks), y_one_hot[0])
-                loss_sum += float(loss)
-                iou_sum += float(iou.sum())
-                objects += len(iou)
+        for sample_id, (prompts, ids, multimask) in self._val_prompts.items():
+            x, y = self._whole_image(sample_id, with_pixels=self.config.mode != "decoder")
+            inputs = [{**record, "image": image} for record, image in zip(prompts, x)]
+            inputs, y_one_hot = self.step._preprocess_batch(inputs, y, ids)
+            if self.config.mode == "decoder":
+                self.model.step_embeddings = self._embeddings[sample_id]
+            with self._autocast():
+                embeddings, inputs = self.model.image_embeddings_oft(inputs)
+                outputs = self.model(inputs, embeddings, multimask_output=multimask)
+                loss = self.step._compute_loss(outputs, y_one_hot)[0]
+            output = outputs[0]
+            best = output["iou_predictions"].float().argmax(dim=1)
+            masks = output["masks"][torch.arange(len(best)), best][:, None].float()
+            iou = self.step._compute_iou(torch.sigmoid(masks), y_one_hot[0])
+            loss_sum += float(loss)
+            iou_sum += float(iou.sum())
+            objects += len(iou)
         images = len(self._my_val_ids)
         totals = self._sum_over_ranks([loss_sum, images, iou_sum, objects])
         return totals[0] / max(totals[1], 1), totals[2] / max(totals[3], 1)

@@ -56,7 +56,7 @@ def choose_model(requested: str | None, log: Log) -> LoadedModel:
             log(f"model: {name} (pretrained micro-sam light-microscopy generalist)")
             return model
         except ModelError as error:
-            log(f"{name} is not available ({str(error).splitlines()[0]})")
+            log(f"{name}: {str(error).split(' (')[0]}")  # the full message says where to put the file
     log(
         f"model: {FALLBACK_MODEL} — no pretrained weights could be had, so this run starts from random "
         "weights: expect low scores before and after; the gain shows what fine-tuning alone learns"

@@ -58,10 +58,14 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
 
 
 def _train_worker_pids(cluster) -> list[int]:
-    return [
-        p.pid for p in clusters.local_cluster_processes(cluster)
-        if "RayTrainWorker" in " ".join(p.cmdline())
-    ]
+    pids = []
+    for process in clusters.local_cluster_processes(cluster):
+        try:
+            if "RayTrainWorker" in " ".join(process.cmdline()):
+                pids.append(process.pid)
+        except psutil.Error:  # ended (or a zombie) since it was listed
+            continue
+    return pids
 
 
 def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_cluster, cell_dataset, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from backend.config import ConfigError, TrainConfig
-from backend.dataset import DatasetError, write_samples
+from backend.dataset import DatasetError, open_dataset, write_embedding, write_samples
 from backend.models import load_model
 from backend.training import SamFineTuner, train
 from synthetic import cell_samples
@@ -51,6 +51,22 @@ def test_decoder_mode_computes_each_embedding_once(cell_dataset, tmp_path, monke
         tuner.run_epoch(epoch)
     assert calls == []  # 4 images were embedded in the constructor; training never runs the encoder
     assert len(tuner._embeddings) == 4
+
+
+def test_decoder_mode_uses_embeddings_stored_in_the_dataset(tmp_path, monkeypatch):
+    data = tmp_path / "embedded.zarr"
+    write_samples(data, cell_samples(1, "train", shape=(96, 96)) + cell_samples(1, "val", seed=4, shape=(96, 96)))
+    model = load_model("random:tiny")
+    dataset = open_dataset(data)
+    for sample_id in dataset.sample_ids():
+        stored = torch.full((256, 64, 64), 0.5).numpy().astype("float16")
+        write_embedding(data, sample_id, stored, model_fingerprint=model.encoder_fingerprint,
+                        input_size=(1024, 1024), original_size=(96, 96))
+    calls = []
+    monkeypatch.setattr(type(model.sam.image_encoder), "forward", lambda *a, **k: calls.append(1))
+    tuner = SamFineTuner(config(data, tmp_path, mode="decoder"))
+    assert calls == []
+    assert all(torch.all(emb == 0.5) for emb, _ in tuner._embeddings.values())
 
 
 def test_training_reduces_the_loss_on_data_it_sees(tmp_path):
@@ -131,3 +147,11 @@ def test_config_round_trips_through_json(tmp_path):
     assert TrainConfig.from_dict(json.loads(cfg.to_json())) == cfg
     with pytest.raises(ConfigError, match="unknown training settings: colour"):
         TrainConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+
+
+def test_progress_reaches_the_last_step_when_batches_do_not_divide_the_images(cell_dataset, tmp_path):
+    cfg = config(cell_dataset, tmp_path, mode="decoder", batch_size=2)  # 3 train images -> 2 steps
+    reports = []
+    tuner = SamFineTuner(cfg, progress=lambda epoch, step, total: reports.append((epoch, step, total)))
+    tuner.run_epoch(0)
+    assert reports == [(0, 1, 2), (0, 2, 2)]

@@ -1,0 +1,35 @@
+"""Shared by the benchmark scripts: the machine's description and the real HeLa dataset."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+
+def machine() -> str:
+    """One line naming the hardware and software the figures were taken on."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} CPU cores ({cpu}), {memory_gib:.0f} GiB, {gpu}; "
+        f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
+    )
+
+
+def hela_dataset(folder: Path) -> Path:
+    """The demo's training dataset of real HeLa frames (6 train, 2 val; 700 x 1100)."""
+    from napari_raysam.demo import build_datasets
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return build_datasets(folder)[0]
