@@ -30,6 +30,7 @@ TEST_FRAMES = (17, 19)
 
 # Sized so the demo takes minutes on 2 CPU cores; the recipe is micro-sam's, scaled down.
 DEMO_TRAINING = {"n_objects_per_batch": 4, "n_sub_iteration": 4}
+RANDOM_START_LR = 1e-3
 
 Log = Callable[[str], None]
 
@@ -113,8 +114,11 @@ def run_demo(
     before = score(start, test_data)
     log(f"before: {_brief(before)}")
 
+    # Training a decoder from random weights needs a larger step than fine-tuning a pretrained one
+    # (measured on these frames: val loss 0.974 after 4 epochs at 1e-3 vs 0.997 at the default 1e-4).
+    lr = RANDOM_START_LR if start.source.startswith("random:") else None
     config = TrainConfig(
-        data=str(train_data), storage=str(output / "runs"), model=start.source, mode=mode, epochs=epochs,
+        data=str(train_data), storage=str(output / "runs"), model=start.source, mode=mode, epochs=epochs, lr=lr,
         workers=workers, cpus_per_worker=default_cpus_per_worker(workers, cluster.is_local), **DEMO_TRAINING,
     )
     job_id = jobs.submit_training(cluster, config)
@@ -163,6 +167,7 @@ def _plot(path: Path, metrics: list[dict], test: Path, before: dict, after: dict
     epochs = [m["epoch"] + 1 for m in metrics]
     axes[0].plot(epochs, [m["train_loss"] for m in metrics], "o-", label="train loss")
     axes[0].plot(epochs, [m["val_loss"] for m in metrics], "s-", label="val loss")
+    axes[0].set_xticks(epochs)
     axes[0].set_xlabel("epoch")
     axes[0].set_title("fine-tuning loss (Dice + IoU MSE)")
     axes[0].legend()
