@@ -23,7 +23,7 @@ from backend.models import ModelError
 from napari_raysam import jobs
 from napari_raysam.cluster import Cluster, ClusterError, default_cpus_per_worker
 
-USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, PermissionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, jobs.JobFailed, PermissionError, FileNotFoundError)
 
 
 def _int_list(text: str) -> list[int]:

@@ -18,6 +18,7 @@ import pytest
 from backend.config import TrainConfig
 from napari_raysam import cluster as clusters
 from napari_raysam import jobs
+from napari_raysam.cli import main
 
 pytestmark = pytest.mark.ray
 
@@ -89,6 +90,19 @@ def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_
     assert epochs == list(range(6))  # nothing lost, nothing trained twice in the record
     meta = json.loads((model / "meta.json").read_text())
     assert [m["epoch"] for m in meta["metrics"]["epochs"]] == list(range(6))
+
+
+def test_a_detached_job_can_be_stopped_and_following_it_says_so(ray_cluster, cell_dataset, tmp_path, capsys):
+    address = ["--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]
+    storage = tmp_path / "runs"
+    train = ["train", "--data", str(cell_dataset), "--storage", str(storage), "--model", "random:tiny",
+             "--epochs", "50", "--run-name", "to-stop", "--detach", *address]
+    assert main(train) == 0
+    assert "submitted job to-stop" in capsys.readouterr().out
+    assert main(["stop", "to-stop", *address]) == 0
+    assert main(["follow", "to-stop", "--storage", str(storage), *address]) == 2
+    err = capsys.readouterr().err
+    assert "\nerror: training job to-stop ended as STOPPED" in err  # after the job's log
 
 
 def test_unreachable_address_says_how_to_fix_it():
