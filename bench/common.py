@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
+
+from backend.config import TrainConfig
+from backend.training import SamFineTuner
 
 
 def machine() -> str:
@@ -33,3 +37,22 @@ def hela_dataset(folder: Path) -> Path:
 
     folder.mkdir(parents=True, exist_ok=True)
     return build_datasets(folder)[0]
+
+
+def training_samples_per_s(config: TrainConfig, warmup: int, steps: int) -> tuple[float, float]:
+    """Train without validation until ``warmup + steps`` optimiser steps are done.
+
+    Returns (samples/s over the ``steps`` steps after the warm-up, seconds the fine-tuner
+    took to set up: model, data and, in decoder mode, the embeddings).
+    """
+    start = time.perf_counter()
+    step_ends: list[float] = []
+    tuner = SamFineTuner(config, progress=lambda epoch, step, total: step_ends.append(time.perf_counter()))
+    setup_s = time.perf_counter() - start
+    tuner.validate = lambda: (0.0, 0.0)  # not timed, not needed
+    epoch = 0
+    while len(step_ends) < warmup + steps:
+        tuner.run_epoch(epoch)
+        epoch += 1
+    timed = step_ends[warmup - 1: warmup + steps]  # the step before the first timed one ends the warm-up
+    return config.batch_size * steps / (timed[-1] - timed[0]), setup_s

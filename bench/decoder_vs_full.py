@@ -1,9 +1,8 @@
 """Training throughput of ``decoder`` mode vs ``full`` mode, for vit_t and vit_b.
 
 Same real HeLa data, same prompting settings, 1 worker without Ray, fp32 on CPU (bf16
-autocast on a GPU). Decoder mode embeds every image once before training (timed
-separately, reported as ``embed_s``); its samples/s is training steps only, like full
-mode's. Random weights: throughput does not depend on them.
+autocast on a GPU). Decoder mode embeds every image once before training (part of
+the reported set-up time); its samples/s is training steps only, like full mode's. Random weights: throughput does not depend on them.
 
     .venv/bin/python bench/decoder_vs_full.py [--models vit_t,vit_b] [--full-steps 3] [--decoder-steps 12]
 """
@@ -13,27 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from pathlib import Path
 
 from backend.config import TrainConfig
-from backend.training import SamFineTuner
-from common import hela_dataset, machine
-
-
-def samples_per_s(config: TrainConfig, steps: int) -> tuple[float, float]:
-    """(samples/s over ``steps`` timed steps after one warm-up step, seconds spent constructing)."""
-    start = time.perf_counter()
-    step_ends: list[float] = []
-    tuner = SamFineTuner(config, progress=lambda epoch, step, total: step_ends.append(time.perf_counter()))
-    setup_s = time.perf_counter() - start
-    tuner.validate = lambda: (0.0, 0.0)  # not timed, not needed
-    epoch = 0
-    while len(step_ends) < steps + 1:
-        tuner.run_epoch(epoch)
-        epoch += 1
-    timed = step_ends[: steps + 1]
-    return config.batch_size * steps / (timed[-1] - timed[0]), setup_s
+from common import hela_dataset, machine, training_samples_per_s
 
 
 def main() -> None:
@@ -56,7 +38,7 @@ def main() -> None:
                 n_objects_per_batch=args.objects, n_sub_iteration=8, patch_shape=(512, 512),
                 samples_per_epoch=steps + 1, use_gpu=args.gpu,
             )
-            speed, setup_s = samples_per_s(config, steps)
+            speed, setup_s = training_samples_per_s(config, warmup=1, steps=steps)
             row[f"{mode}_samples_per_s"] = speed
             row[f"{mode}_setup_s"] = setup_s
             print(f"{model_type} {mode}: {speed:.4f} samples/s (setup incl. embeddings {setup_s:.1f} s)", flush=True)

@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader
 from backend.config import TrainConfig
 from backend.dataset import TrainingCrops, open_dataset
 from backend.models import build_sam, export_micro_sam_checkpoint, save_model_folder
-from backend.training import SamFineTuner
-from common import hela_dataset, machine
+from common import hela_dataset, machine, training_samples_per_s
 
 WARMUP = 2
 
@@ -55,9 +54,9 @@ def micro_sam_samples_per_s(data: Path, checkpoint: Path, args, work: Path) -> f
         )
     finally:
         SamTrainer._interactive_train_iteration = original
-    # step k's time = end of step k+1's forward minus end of step k's forward (one full step apart)
-    timed_steps = step_ends[WARMUP:]
-    return (len(timed_steps) - 1) / (timed_steps[-1] - timed_steps[0])
+    # consecutive forward ends are one full step apart; the last warm-up step's end starts the clock
+    timed = step_ends[WARMUP - 1:]
+    return (len(timed) - 1) / (timed[-1] - timed[0])
 
 
 def our_samples_per_s(data: Path, model_folder: Path, args, work: Path) -> float:
@@ -67,12 +66,7 @@ def our_samples_per_s(data: Path, model_folder: Path, args, work: Path) -> float
         samples_per_epoch=args.steps + WARMUP, n_objects_per_batch=args.objects, n_sub_iteration=8,
         precision="bf16", patch_shape=(512, 512),
     )
-    step_ends: list[float] = []
-    tuner = SamFineTuner(config, progress=lambda epoch, step, total: step_ends.append(time.perf_counter()))
-    tuner.validate = lambda: (0.0, 0.0)  # not timed, not needed
-    tuner.run_epoch(0)
-    timed_steps = step_ends[WARMUP:]
-    return (len(timed_steps) - 1) / (timed_steps[-1] - timed_steps[0])
+    return training_samples_per_s(config, warmup=WARMUP, steps=args.steps)[0]
 
 
 def main() -> None:
