@@ -85,13 +85,12 @@ class SampleInput:
                 f"image{where} has dtype {image.dtype}; intensities must be integers or "
                 f"floats: convert it, e.g. image.astype(np.float32)"
             )
-        if np.issubdtype(image.dtype, np.floating):
-            n_bad = int(np.count_nonzero(~np.isfinite(image)))
-            if n_bad:
-                raise DatasetError(
-                    f"image{where} has {n_bad} NaN or infinite pixels: replace them "
-                    f"(e.g. np.nan_to_num(image)) before exporting"
-                )
+        n_bad = non_finite_count(image)
+        if n_bad:
+            raise DatasetError(
+                f"image{where} has {n_bad} NaN or infinite pixels: replace them "
+                f"(e.g. np.nan_to_num(image)) before exporting"
+            )
         labels = np.asarray(self.labels)
         height, width = image.shape[1:]
         if labels.shape != (height, width):
@@ -605,7 +604,14 @@ def _scale_to_sam(
     return np.repeat(scaled, 3, axis=0) if len(scaled) == 1 else scaled
 
 
-def _content_sha256(array: np.ndarray) -> str:
+def non_finite_count(array: np.ndarray) -> int:
+    """How many NaN or infinite values ``array`` holds (0 for integer arrays)."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return 0
+    return int(np.count_nonzero(~np.isfinite(array)))
+
+
+def content_sha256(array: np.ndarray) -> str:
     """sha256 of an array's dtype, shape and C-order bytes."""
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
@@ -637,8 +643,8 @@ def _write_sample(location: Path, sample: SampleInput) -> None:
             "split": sample.split,
             "source": sample.source,
             "n_objects": int(np.count_nonzero(ids)),
-            "image_sha256": _content_sha256(sample.image),
-            "labels_sha256": _content_sha256(sample.labels),
+            "image_sha256": content_sha256(sample.image),
+            "labels_sha256": content_sha256(sample.labels),
             "intensity_range": [list(_intensity_range(channel)) for channel in sample.image],
         },
     )

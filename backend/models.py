@@ -205,8 +205,7 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict]:
     if any(char in source for char in "/\\.~"):  # zoo names have none of these; this was meant as a path
         raise ModelError(f"no file or folder at {path.absolute()}. {_VALID_SOURCES}")
 
-    zoo = _zoo()
-    names = _zoo_model_names(zoo)
+    names = zoo_model_names()
     if source not in names:
         close = difflib.get_close_matches(source, names, n=3)
         hint = f" Did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
@@ -214,7 +213,7 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict]:
             f"'{source}' is not a file, a folder or a micro-sam model name.{hint} {_VALID_SOURCES} "
             f"micro-sam model names: {', '.join(names)}."
         )
-    path = _cached_zoo_checkpoint(zoo, source)
+    path = _cached_zoo_checkpoint(_zoo(), source)
     state = _read_torch_checkpoint(path)
     model_type = _infer_model_type(state, f"micro-sam model '{source}' ({path})")
     return _sam_from_state(state, model_type, f"micro-sam model '{source}' ({path})"), model_type, {}
@@ -235,9 +234,12 @@ def _zoo():
     return models()
 
 
-def _zoo_model_names(zoo) -> list[str]:
+def zoo_model_names(cached_only: bool = False) -> list[str]:
+    """micro-sam's model names (``vit_b_lm``, ``vit_t``, ...); with ``cached_only``, only those in its cache."""
+    zoo = _zoo()
     # The "*_decoder" entries are micro-sam's instance segmentation decoders, not SAM models.
-    return [name for name in zoo.registry if not name.endswith("_decoder")]
+    names = [name for name in zoo.registry if not name.endswith("_decoder")]
+    return [name for name in names if (zoo.abspath / name).is_file()] if cached_only else names
 
 
 def _cached_zoo_checkpoint(zoo, name: str) -> Path:
@@ -483,7 +485,7 @@ def save_model_folder(
     if found != model_type:
         raise ModelError(f"the model to save is a {found} model, but model_type='{model_type}' was given.")
     folder = Path(folder)
-    with _staging_folder(folder) as staging:
+    with staging_folder(folder) as staging:
         weights_path = staging / WEIGHTS_FILE
         safetensors.torch.save_file(state, weights_path)
         meta = {
@@ -541,7 +543,7 @@ def _staging_file(path: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def _staging_folder(folder: Path) -> Iterator[Path]:
+def staging_folder(folder: Path) -> Iterator[Path]:
     """Yield an empty folder next to ``folder``; on success it replaces ``folder``.
 
     POSIX cannot rename over a non-empty folder, so an existing ``folder`` is first renamed aside

@@ -1,0 +1,355 @@
+"""SAM state for one image at a time: the model, the image's embeddings, prompts -> masks.
+
+The lifecycle is segment-anything's ``SamPredictor``'s: :meth:`SamSession.set_model`, then
+:meth:`SamSession.set_image` (embeddings read from the disk cache or computed), then any
+number of :meth:`SamSession.segment` and :meth:`SamSession.automatic_segmentation` calls.
+Images larger than ``TILING_THRESHOLD`` on a side are embedded tile by tile with micro-sam's
+tiling, so even 10,000 x 10,000 pixels fit in memory.
+
+Threads: ``set_image`` and ``automatic_segmentation`` are slow and meant to run in a worker
+thread; while one of them runs, nothing else may be called on the session (the widget
+disables its buttons). The session holds no lock.
+
+Embedding cache: ``<cache_dir>/embeddings/<encoder fingerprint[:16]>/<content_key(rgb)[:32]>.zarr``,
+written by ``micro_sam.util.precompute_image_embeddings`` into a hidden sibling folder and
+renamed into place once complete, so an interrupted computation is never read back. Entries
+are not evicted; delete the folder to reclaim space.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from micro_sam.instance_segmentation import AutomaticMaskGenerator, TiledAutomaticMaskGenerator
+from micro_sam.prompt_based_segmentation import (
+    segment_from_box,
+    segment_from_box_and_points,
+    segment_from_points,
+)
+from micro_sam.util import precompute_image_embeddings
+from segment_anything import SamPredictor
+
+from backend.models import LoadedModel, staging_folder, load_model
+from napari_raysam.annotations import default_cache_dir
+from napari_raysam.image_source import content_key
+
+TILE_SHAPE = (1024, 1024)
+HALO = (256, 256)
+TILING_THRESHOLD = 2048  # images with a side longer than this are embedded tile-wise
+
+ProgressCallback = Callable[[int, int], None]
+
+
+class SessionError(ValueError):
+    """The session cannot do what was asked yet; the message says what to do first."""
+
+
+class _Progress:
+    """Turns micro-sam's ``pbar_init(total, description)``, ``pbar_update(n)`` into ``progress(done, total)``.
+
+    Reports ``(0, 1)`` when created and ``(total, total)`` on :meth:`finish` if micro-sam did
+    not get there, so a caller always sees a start and an end (loading from the cache reports
+    nothing else).
+    """
+
+    def __init__(self, progress: ProgressCallback | None) -> None:
+        self._progress = progress
+        self._done, self._total = 0, 1
+        self._report()
+
+    def init(self, total: int, description: str = "") -> None:
+        self._done, self._total = 0, max(int(total), 1)
+        self._report()
+
+    def update(self, n: int = 1) -> None:
+        self._done = min(self._done + int(n), self._total)
+        self._report()
+
+    def finish(self) -> None:
+        if self._done < self._total:
+            self._done = self._total
+            self._report()
+
+    def _report(self) -> None:
+        if self._progress is not None:
+            self._progress(self._done, self._total)
+
+
+class SamSession:
+    """One SAM model and the embeddings of the image being annotated.
+
+    Attributes:
+        cache_dir: root of the embedding cache (``<state_dir>/cache`` by default).
+        device: torch device the model runs on, e.g. ``"cpu"`` or ``"cuda"``.
+        model: the loaded model, None until :meth:`set_model`.
+        predictor: ``segment_anything.SamPredictor`` around ``model.sam``, None until then.
+    """
+
+    def __init__(self, cache_dir: Path | None = None, device: str = "cpu") -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.device = device
+        self.model: LoadedModel | None = None
+        self.predictor: SamPredictor | None = None
+        self._embeddings: dict[str, Any] | None = None  # micro-sam's ImageEmbeddings of the image
+        self._image_shape: tuple[int, int] | None = None
+        self._tiled = False
+
+    # --- model and image ------------------------------------------------------------------------
+
+    def set_model(self, source: str) -> bool:
+        """Load the model at ``source`` (anything ``backend.models.load_model`` accepts).
+
+        Returns:
+            True if an image is set and its embeddings stay valid (the new model has the same
+            image encoder, e.g. a decoder-only fine-tune); else False, and the image is reset:
+            call :meth:`set_image` again.
+
+        Raises:
+            backend.models.ModelError: if the model cannot be loaded (the session is unchanged).
+        """
+        loaded = load_model(source, self.device)
+        predictor = SamPredictor(loaded.sam)
+        # micro-sam checks these against a cached embedding file before reading it; they name
+        # the image encoder only, so the cache is shared by fine-tunes that kept the encoder.
+        predictor.model_type = loaded.model_type
+        predictor.model_name = loaded.model_type
+        predictor._hash = loaded.encoder_fingerprint
+        keeps_image = (
+            self._embeddings is not None
+            and self.model is not None
+            and self.model.encoder_fingerprint == loaded.encoder_fingerprint
+        )
+        self.model, self.predictor = loaded, predictor
+        if not keeps_image:
+            self.reset_image()
+        return keeps_image
+
+    def set_image(self, rgb: np.ndarray, progress: ProgressCallback | None = None) -> None:
+        """Make ``rgb`` the image to segment: read its embeddings from the cache or compute them.
+
+        Args:
+            rgb: ``(H, W, 3)`` uint8 SAM input (``napari_raysam.image_source.sam_rgb``).
+            progress: called as ``progress(done, total)`` from the calling thread: at the start,
+                per tile while computing tiled embeddings, and at the end.
+
+        Raises:
+            SessionError: if no model is chosen or ``rgb`` is not ``(H, W, 3)`` uint8.
+        """
+        if self.model is None:
+            raise SessionError("choose a model first")
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise SessionError(
+                f"the SAM input must be an (H, W, 3) uint8 image; got {rgb.shape} {rgb.dtype}: "
+                f"make it with napari_raysam.image_source.sam_rgb"
+            )
+        self.reset_image()
+        report = _Progress(progress)
+        tiled = max(rgb.shape[:2]) > TILING_THRESHOLD
+        path = self._cache_path(rgb)
+        embeddings = self._read_cache(rgb, path, tiled) if path.exists() else None
+        if embeddings is None:
+            with staging_folder(path) as staging:
+                self._precompute(rgb, staging, tiled, report)
+            # Reopened from its final place: tiled features are read lazily from that folder.
+            embeddings = self._precompute(rgb, path, tiled, _Progress(None))
+        self._embeddings = embeddings
+        self._image_shape = (int(rgb.shape[0]), int(rgb.shape[1]))
+        self._tiled = tiled
+        report.finish()
+
+    def is_cached(self, rgb: np.ndarray) -> bool:
+        """Whether the embeddings of ``rgb`` for the current model are on disk (loading vs. computing)."""
+        return self.model is not None and self._cache_path(np.asarray(rgb)).exists()
+
+    def reset_image(self) -> None:
+        """Forget the current image (its embeddings stay cached on disk)."""
+        self._embeddings = None
+        self._image_shape = None
+        self._tiled = False
+        if self.predictor is not None:
+            self.predictor.reset_image()
+
+    @property
+    def image_shape(self) -> tuple[int, int] | None:
+        """``(H, W)`` of the current image, None if no image is set."""
+        return self._image_shape
+
+    @property
+    def tiled(self) -> bool:
+        """Whether the current image is embedded tile-wise."""
+        return self._tiled
+
+    def _cache_path(self, rgb: np.ndarray) -> Path:
+        assert self.model is not None
+        return (
+            self.cache_dir
+            / "embeddings"
+            / self.model.encoder_fingerprint[:16]
+            / f"{content_key(rgb)[:32]}.zarr"
+        )
+
+    def _precompute(self, rgb: np.ndarray, save_path: Path, tiled: bool, report: _Progress) -> dict[str, Any]:
+        """micro-sam's embeddings of ``rgb``: read from ``save_path`` if it holds them, else computed there."""
+        return precompute_image_embeddings(
+            self.predictor,
+            rgb,
+            save_path=str(save_path),
+            ndim=2,
+            tile_shape=TILE_SHAPE if tiled else None,
+            halo=HALO if tiled else None,
+            verbose=True,  # micro-sam calls pbar_init/pbar_update only when verbose
+            pbar_init=report.init,
+            pbar_update=report.update,
+        )
+
+    def _read_cache(self, rgb: np.ndarray, path: Path, tiled: bool) -> dict[str, Any] | None:
+        """The cached embeddings at ``path``, or None (with a warning) if they cannot be used."""
+        try:
+            return self._precompute(rgb, path, tiled, _Progress(None))
+        # The cache is disposable: whatever makes it unreadable (a deleted chunk, other tiling,
+        # a file from another micro-sam version) is cured by computing it again.
+        except Exception as error:  # noqa: BLE001
+            warnings.warn(f"cannot use the cached embeddings in {path} ({error}); computing them again")
+            return None
+
+    # --- segmentation ---------------------------------------------------------------------------
+
+    def segment(
+        self,
+        points: np.ndarray | None = None,
+        point_labels: np.ndarray | None = None,
+        box: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Segment one object from point and/or box prompts.
+
+        Args:
+            points: ``(N, 2)`` float YX pixel coordinates (napari order). Points outside the
+                image are dropped.
+            point_labels: ``(N,)`` 1 for a positive (object) point, 0 for a negative one;
+                None: all positive.
+            box: ``(4,)`` ``[y0, x0, y1, x1]`` pixel coordinates; clipped to the image.
+
+        Returns:
+            ``(H, W)`` bool mask of the object.
+
+        Raises:
+            SessionError: if no image is set, every point is outside the image (and there is
+                no box), the box lies outside the image, or there is neither a positive point
+                nor a box.
+        """
+        if self._embeddings is None or self._image_shape is None:
+            raise SessionError("compute the embeddings first")
+        points, labels = self._points_inside(points, point_labels, has_box=box is not None)
+        if box is not None:
+            box = self._clipped_box(box)
+        if box is None and not (labels == 1).any():
+            raise SessionError("add a positive point or a box")
+
+        if box is None:
+            masks = segment_from_points(self.predictor, points, labels, image_embeddings=self._embeddings)
+        elif len(points) == 0:
+            masks = segment_from_box(self.predictor, box, image_embeddings=self._embeddings)
+        else:
+            try:
+                masks = segment_from_box_and_points(
+                    self.predictor, box, points, labels, image_embeddings=self._embeddings
+                )
+            except RuntimeError as error:
+                if not (self._tiled and "tile" in str(error)):
+                    raise
+                raise SessionError(
+                    "on this large image the box and the points fall into different tiles: "
+                    "keep the points near the box's centre, or segment with the box alone"
+                ) from error
+        return np.asarray(masks[0], dtype=bool)
+
+    def _points_inside(
+        self, points: np.ndarray | None, point_labels: np.ndarray | None, has_box: bool
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(N, 2)`` float YX points inside the image and their ``(N,)`` int labels."""
+        if points is None:
+            return np.zeros((0, 2)), np.zeros(0, dtype=int)
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+        labels = (
+            np.ones(len(points), dtype=int)
+            if point_labels is None
+            else np.asarray(point_labels).astype(int).reshape(-1)
+        )
+        if len(labels) != len(points):
+            raise SessionError(
+                f"got {len(points)} points but {len(labels)} point labels; give one label per point"
+            )
+        # napari draws pixel (i, j) over [i - 0.5, i + 0.5) x [j - 0.5, j + 0.5).
+        last = np.array(self._image_shape) - 1
+        inside = np.all((points >= -0.5) & (points < last + 0.5), axis=1)
+        if len(points) and not inside.any() and not has_box:
+            raise SessionError("all points are outside the image; click on the object in the image")
+        # Clipped onto the pixels they were drawn on: micro-sam's tiling drops points left of 0.
+        return np.clip(points[inside], 0, last), labels[inside]
+
+    def _clipped_box(self, box: np.ndarray) -> np.ndarray:
+        """``[y0, x0, y1, x1]`` ordered and clipped to the image (exclusive max, as micro-sam)."""
+        y0, x0, y1, x1 = np.asarray(box, dtype=np.float64).reshape(4)
+        height, width = self._image_shape
+        (y0, y1), (x0, x1) = np.clip(sorted((y0, y1)), 0, height), np.clip(sorted((x0, x1)), 0, width)
+        if y1 <= y0 or x1 <= x0:
+            raise SessionError("the box lies outside the image or has no area; draw it around the object")
+        return np.array([y0, x0, y1, x1])
+
+    def automatic_segmentation(
+        self,
+        progress: ProgressCallback | None = None,
+        *,
+        points_per_side: int = 32,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        box_nms_thresh: float = 0.7,
+        min_mask_region_area: int = 0,
+    ) -> np.ndarray:
+        """Segment every object without prompts: micro-sam's automatic mask generator.
+
+        A ``points_per_side`` x ``points_per_side`` grid of point prompts (per tile for a tiled
+        image) on the image's embeddings; the thresholds are those of
+        ``AutomaticMaskGenerator.generate`` with micro-sam's annotator defaults. The largest
+        object is removed as background, as micro-sam does. Models that carry micro-sam's
+        instance segmentation decoder (zoo ``*_lm``) could use
+        ``micro_sam.instance_segmentation.InstanceSegmentationWithDecoder`` here instead, once
+        ``LoadedModel`` carries that decoder.
+
+        Args:
+            progress: called as ``progress(done, total)`` from the calling thread, at the start,
+                per batch of grid points (per tile for a tiled image) and at the end.
+
+        Returns:
+            ``(H, W)`` uint32 instance ids, 0 = background; all zeros if nothing was found.
+
+        Raises:
+            SessionError: if no image is set.
+        """
+        if self._embeddings is None or self._image_shape is None:
+            raise SessionError("compute the embeddings first")
+        report = _Progress(progress)
+        generator_class = TiledAutomaticMaskGenerator if self._tiled else AutomaticMaskGenerator
+        generator = generator_class(self.predictor, points_per_side=points_per_side)
+        # The image only gives the generator its size: the embeddings are reused, not recomputed.
+        generator.initialize(
+            np.zeros((*self._image_shape, 3), np.uint8),
+            image_embeddings=self._embeddings,
+            verbose=True,
+            pbar_init=report.init,
+            pbar_update=report.update,
+        )
+        segmentation = generator.generate(
+            pred_iou_thresh=pred_iou_thresh,
+            stability_score_thresh=stability_score_thresh,
+            box_nms_thresh=box_nms_thresh,
+            min_mask_region_area=min_mask_region_area,
+            output_mode="instance_segmentation",
+        )
+        report.finish()
+        return np.asarray(segmentation, dtype=np.uint32)

@@ -1,0 +1,699 @@
+"""The "SAM annotator" dock widget: interactive SAM annotation in napari.
+
+Thin by design: images are read by :mod:`napari_raysam.image_source`, SAM runs in
+:class:`napari_raysam.session.SamSession`, commits/undo and autosave live in
+:mod:`napari_raysam.annotations`, export in :func:`backend.dataset.write_samples`. This module
+wires them to napari layers, buttons, keys and thread workers. Everything slow (model
+loading, embeddings, automatic segmentation, export) runs in a worker thread; errors end up
+in the status line, in plain words, never in a traceback dialog.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import napari
+from napari.layers import Image, Labels, Points, Shapes
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from backend.dataset import DatasetError, SampleInput, write_samples
+from backend.models import ModelError
+from napari_raysam.annotations import AnnotationStore, CommitError, CommitHistory
+from napari_raysam.image_source import ImageChannels, ImageError, check_plane, content_key, sam_rgb
+from napari_raysam.model_sources import model_choices, resolve_model_source
+from napari_raysam.session import SamSession, SessionError
+
+log = logging.getLogger(__name__)
+
+POINTS_LAYER = "SAM point prompts"
+BOXES_LAYER = "SAM box prompts"
+CURRENT_LAYER = "SAM current object"
+COMMITTED_LAYER = "SAM committed objects"
+AUTOMATIC_LAYER = "SAM automatic segmentation"
+_OWN_LAYERS = (POINTS_LAYER, BOXES_LAYER, CURRENT_LAYER, COMMITTED_LAYER, AUTOMATIC_LAYER)
+
+POSITIVE, NEGATIVE = "positive", "negative"
+_PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
+_NO_CHANNEL = "—"
+_ALL_CHANNEL_LAYERS = "channel layers: "  # prefix of the entry that combines same-shaped layers
+_AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long
+
+# The user's expected errors: shown as they are. Anything else is a bug: logged with its traceback.
+_USER_ERRORS = (ImageError, SessionError, ModelError, DatasetError, CommitError, OSError)
+
+SHORTCUTS = {
+    "segment": "S",
+    "commit": "C",
+    "toggle": "T",
+    "clear": "Shift-C",
+    "undo": "U",
+    "automatic": "Shift-A",
+}
+
+
+def _combo(tip: str) -> QComboBox:
+    """A combo box that does not widen the dock to its longest entry (layer names, paths can be long)."""
+    combo = QComboBox(toolTip=tip)
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(6)
+    return combo
+
+
+class _Progress(QObject):
+    """Carries ``(done, total)`` from a worker thread to the progress bar (queued across threads)."""
+
+    changed = Signal(int, int)
+
+
+class AnnotatorWidget(QWidget):
+    """Dock widget: pick an image and a model, prompt SAM, commit objects, export a dataset.
+
+    The committed objects of each image (each slice of a stack) are autosaved after every
+    change, keyed by the image's pixels, and restored when the same image is opened again.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, cache_dir: Path | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.session = SamSession(cache_dir)
+        self.store = AnnotationStore(cache_dir)
+        self.history = CommitHistory()
+        self._channels: ImageChannels | None = None
+        self._plane_index: tuple[int, ...] = ()
+        self._plane_key: str | None = None
+        self._image_layer: Image | None = None  # the layer whose pixels and transform the annotation follows
+        self._worker = None
+        self._after_worker: Callable[[], None] | None = None  # what a finished worker's result asked for next
+        self._progress = _Progress()
+        self._progress.changed.connect(self._show_progress)
+        self._autosave_timer = QTimer(self, singleShot=True, interval=_AUTOSAVE_DELAY_MS)
+        self._autosave_timer.timeout.connect(self._autosave)
+
+        self._build_ui()
+        self._bind_keys()
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_image_choices)
+        self.viewer.dims.events.current_step.connect(self._on_slice_change)
+        self._refresh_image_choices()
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+
+        image_box = QGroupBox("Image")
+        image_form = QFormLayout(image_box)
+        self.image_combo = _combo("The image layer to annotate")
+        self.image_combo.currentIndexChanged.connect(lambda _index: self._on_image_choice())
+        image_form.addRow("Layer", self.image_combo)
+        self.layout_combo = _combo("Whether the layer's first axis holds channels or slices")
+        self.layout_combo.addItems(["slices (annotate one by one)", "channels"])
+        self.layout_combo.currentIndexChanged.connect(lambda _index: self._refresh_channels())
+        image_form.addRow("First axis", self.layout_combo)
+        self.channel_combos = [_combo("") for _ in "RGB"]
+        channel_row = QHBoxLayout()
+        for colour, combo in zip(("red", "green", "blue"), self.channel_combos):
+            combo.setToolTip(f"Channel fed to SAM's {colour} input")
+            channel_row.addWidget(combo)
+        image_form.addRow("SAM R G B", channel_row)
+        layout.addWidget(image_box)
+
+        model_box = QGroupBox("Model")
+        model_form = QFormLayout(model_box)
+        self.model_combo = _combo("A micro-sam model name, a model file or folder, or a fine-tuning run folder")
+        self.model_combo.setEditable(True)
+        self.model_combo.addItems(model_choices())
+        browse_file = QPushButton("File…", toolTip="Choose a checkpoint file (.pt, .pth, .safetensors)")
+        browse_file.clicked.connect(lambda: self._browse_model(folder=False))
+        browse_folder = QPushButton("Folder…", toolTip="Choose a model folder or a fine-tuning run folder")
+        browse_folder.clicked.connect(lambda: self._browse_model(folder=True))
+        model_row = QHBoxLayout()
+        model_row.addWidget(self.model_combo, stretch=1)
+        model_row.addWidget(browse_file)
+        model_row.addWidget(browse_folder)
+        model_form.addRow("Model", model_row)
+        self.load_model_button = QPushButton("Load model", toolTip="Load the chosen model; embeddings are kept when its image encoder is unchanged")
+        self.load_model_button.clicked.connect(self.load_model)
+        self.model_label = QLabel("no model loaded", wordWrap=True)
+        model_form.addRow(self.load_model_button, self.model_label)
+        layout.addWidget(model_box)
+
+        sam_box = QGroupBox("Segment")
+        sam_layout = QVBoxLayout(sam_box)
+        self.embed_button = QPushButton("Compute embeddings", toolTip="Run SAM's image encoder on the current image (cached on disk)")
+        self.embed_button.clicked.connect(self.compute_embeddings)
+        sam_layout.addWidget(self.embed_button)
+        self.prompt_mode_label = QLabel()
+        sam_layout.addWidget(self.prompt_mode_label)
+        row = QHBoxLayout()
+        self.segment_button = self._button(row, "Segment", "segment", "Show the object for the current prompts", self.segment)
+        self.commit_button = self._button(row, "Commit", "commit", "Add the shown object to the committed objects", self.commit)
+        sam_layout.addLayout(row)
+        row = QHBoxLayout()
+        self.toggle_button = self._button(row, "Positive/negative", "toggle", "Switch the next points between positive and negative", self.toggle_prompt_mode)
+        self.clear_button = self._button(row, "Clear", "clear", "Remove all prompts and the shown object", self.clear_prompts)
+        self.undo_button = self._button(row, "Undo", "undo", "Take back the last commit", self.undo)
+        sam_layout.addLayout(row)
+        row = QHBoxLayout()
+        self.automatic_button = self._button(row, "Automatic segmentation", "automatic", "Segment every object in the image (runs in the background)", self.automatic_segmentation)
+        self.grid_spin = QSpinBox(minimum=4, maximum=64, value=32, toolTip=(
+            "Grid points per side for automatic segmentation: more finds smaller objects, fewer is faster"
+        ))
+        row.addWidget(self.grid_spin)
+        self.commit_automatic_button = QPushButton("Commit all", toolTip="Commit every object of the automatic segmentation (one undo step)")
+        self.commit_automatic_button.clicked.connect(self.commit_automatic)
+        row.addWidget(self.commit_automatic_button)
+        sam_layout.addLayout(row)
+        layout.addWidget(sam_box)
+
+        export_box = QGroupBox("Export")
+        export_form = QFormLayout(export_box)
+        self.dataset_edit = QLineEdit(placeholderText="annotations.zarr", toolTip="Dataset folder (.zarr); created or appended to")
+        browse_dataset = QPushButton("…", toolTip="Choose the dataset folder")
+        browse_dataset.clicked.connect(self._browse_dataset)
+        dataset_row = QHBoxLayout()
+        dataset_row.addWidget(self.dataset_edit, stretch=1)
+        dataset_row.addWidget(browse_dataset)
+        export_form.addRow("Dataset", dataset_row)
+        self.split_combo = _combo("Train images teach the model; val images measure it")
+        self.split_combo.addItems(["train", "val"])
+        export_form.addRow("Split", self.split_combo)
+        self.export_button = QPushButton("Export", toolTip="Append the image and its committed objects to the dataset")
+        self.export_button.clicked.connect(self.export)
+        export_form.addRow(self.export_button)
+        layout.addWidget(export_box)
+
+        self.progress_bar = QProgressBar(visible=False)
+        layout.addWidget(self.progress_bar)
+        self.status = QLabel("Open an image, choose a model, then compute embeddings.", wordWrap=True)
+        self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.status)
+        layout.addStretch(1)
+        self._set_prompt_mode(POSITIVE)
+
+    def _button(self, row: QHBoxLayout, text: str, action: str, tip: str, slot: Callable[[], Any]) -> QPushButton:
+        button = QPushButton(text, toolTip=f"{tip} [{SHORTCUTS[action]}]")
+        button.clicked.connect(slot)
+        row.addWidget(button)
+        return button
+
+    def _bind_keys(self, target=None) -> None:
+        """Bind the shortcuts on the viewer, or on one of our layers (``target``).
+
+        Layer bindings win over the viewer's while that layer is active, and napari's Points,
+        Shapes and Labels layers use S, C and T themselves; so our own layers get the shortcuts
+        too, overriding their defaults there (the layer controls still offer those modes).
+        """
+        actions = {
+            "segment": self.segment, "commit": self.commit, "toggle": self.toggle_prompt_mode,
+            "clear": self.clear_prompts, "undo": self.undo, "automatic": self.automatic_segmentation,
+        }
+        for action, slot in actions.items():
+            (target or self.viewer).bind_key(SHORTCUTS[action], lambda _source, slot=slot: slot(), overwrite=True)
+
+    def _update_buttons(self) -> None:
+        busy = self._worker is not None
+        ready = not busy and self.session.image_shape is not None
+        self.load_model_button.setEnabled(not busy)
+        self.embed_button.setEnabled(not busy and self.image_combo.count() > 0)
+        for button in (self.segment_button, self.commit_button, self.automatic_button):
+            button.setEnabled(ready)
+        self.commit_automatic_button.setEnabled(not busy and self._layer(AUTOMATIC_LAYER) is not None)
+        self.undo_button.setEnabled(not busy and self.history.can_undo)
+        self.export_button.setEnabled(not busy and self._plane_key is not None)
+
+    def _say(self, text: str) -> None:
+        self.status.setText(text)
+
+    # ------------------------------------------------------------------ image choice
+    def _refresh_image_choices(self, event=None) -> None:
+        if self._image_layer is not None and self._image_layer not in self.viewer.layers:
+            self._forget_image()
+        current = self.image_combo.currentText()
+        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
+        entries = [layer.name for layer in images]
+        flat = [layer for layer in images if not layer.rgb and layer.ndim == 2]
+        same_shape = [layer for layer in flat if layer.data.shape == flat[0].data.shape] if flat else []
+        if len(same_shape) >= 2:
+            entries.append(_ALL_CHANNEL_LAYERS + " + ".join(layer.name for layer in same_shape))
+        self.image_combo.blockSignals(True)
+        self.image_combo.clear()
+        self.image_combo.addItems(entries)
+        if current in entries:
+            self.image_combo.setCurrentText(current)
+        self.image_combo.blockSignals(False)
+        self._on_image_choice()
+
+    def _chosen_layers(self) -> list[Image]:
+        text = self.image_combo.currentText()
+        if text.startswith(_ALL_CHANNEL_LAYERS):
+            names = text[len(_ALL_CHANNEL_LAYERS):].split(" + ")
+        else:
+            names = [text]
+        return [self.viewer.layers[name] for name in names if name in self.viewer.layers]
+
+    def _channel_axis(self, layer: Image) -> int | None:
+        """0 when the user says the (non-RGB, 3D or 4D) layer's first axis holds channels."""
+        multi_axis = not layer.rgb and layer.ndim >= 3
+        return 0 if multi_axis and self.layout_combo.currentIndex() == 1 else None
+
+    def _read_channels(self) -> ImageChannels:
+        layers = self._chosen_layers()
+        if not layers:
+            raise ImageError(
+                "there is no image to annotate: open one (File > Open) or try File > Open Sample > napari-raysam"
+            )
+        if len(layers) > 1:
+            return ImageChannels.from_layers([layer.data for layer in layers], [layer.name for layer in layers])
+        layer = layers[0]
+        return ImageChannels.from_layer(layer.data, rgb=layer.rgb, channel_axis=self._channel_axis(layer), name=layer.name)
+
+    def _on_image_choice(self) -> None:
+        """A new layer was chosen: guess whether its first axis holds channels, then list its channels."""
+        layers = self._chosen_layers()
+        single = layers[0] if len(layers) == 1 else None
+        multi_axis = single is not None and not single.rgb and single.ndim >= 3
+        self.layout_combo.setEnabled(multi_axis)
+        self.layout_combo.blockSignals(True)
+        # a short first axis is far more often channels (HPA's 4) than slices
+        self.layout_combo.setCurrentIndex(1 if multi_axis and single.data.shape[0] <= 4 else 0)
+        self.layout_combo.blockSignals(False)
+        self._refresh_channels()
+
+    def _refresh_channels(self) -> None:
+        try:
+            channels = self._read_channels()
+        except ImageError as error:
+            if self._chosen_layers():
+                self._say(str(error))
+            self._fill_channel_combos([], ())
+            return
+        self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
+
+    def _fill_channel_combos(self, names: list[str], default: tuple[int, ...]) -> None:
+        for position, combo in enumerate(self.channel_combos):
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(names if position == 0 else [_NO_CHANNEL, *names])
+            if position < len(default):
+                combo.setCurrentIndex(default[position] + (0 if position == 0 else 1))
+            combo.setEnabled(len(names) > 1)
+            combo.blockSignals(False)
+
+    def _sam_channels(self) -> tuple[int, ...]:
+        red = self.channel_combos[0].currentIndex()
+        others = [combo.currentIndex() - 1 for combo in self.channel_combos[1:]]
+        if all(index < 0 for index in others):
+            return (red,)
+        if any(index < 0 for index in others):
+            raise ImageError(
+                "choose a channel for both green and blue, or none (—) for both to use the red channel alone"
+            )
+        return (red, *others)
+
+    def _stack_index(self, channels: ImageChannels, layer: Image) -> tuple[int, ...]:
+        """The slice of ``channels`` the viewer shows (``()`` for a 2D image)."""
+        if not channels.stack_shape:
+            return ()
+        data_point = np.asarray(layer.world_to_data(self.viewer.dims.point))
+        channel_axis = self._channel_axis(layer)
+        if channel_axis is not None:
+            data_point = np.delete(data_point, channel_axis)
+        return (int(np.clip(np.round(data_point[-3]), 0, channels.stack_shape[0] - 1)),)
+
+    # ------------------------------------------------------------------ model
+    def _browse_model(self, folder: bool) -> None:
+        if folder:
+            path = QFileDialog.getExistingDirectory(self, "Model folder or fine-tuning run folder")
+        else:
+            path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", filter="Checkpoints (*.pt *.pth *.safetensors)")
+        if path:
+            self.model_combo.setCurrentText(path)
+            self.load_model()
+
+    def load_model(self) -> None:
+        """Load the chosen model in the background; recompute embeddings only when the encoder changed."""
+        source = resolve_model_source(self.model_combo.currentText())
+        if not source:
+            self._say("type or choose a model first")
+            return
+        had_image = self.session.image_shape is not None
+        self._start(
+            f"loading model {source}…",
+            lambda progress: self.session.set_model(source),
+            lambda kept: self._model_loaded(kept, had_image),
+        )
+
+    def _model_loaded(self, kept: bool, had_image: bool) -> None:
+        model = self.session.model
+        self.model_label.setText(f"{model.model_type} from {model.source}")
+        if kept and had_image:
+            self._say("model loaded; its image encoder is unchanged, so the embeddings were kept")
+        elif had_image:
+            self._say("model loaded; its image encoder differs, recomputing the embeddings…")
+            self._after_worker = self.compute_embeddings
+        else:
+            self._say("model loaded; now compute embeddings [or press a Segment shortcut after that]")
+
+    # ------------------------------------------------------------------ embeddings
+    def compute_embeddings(self) -> None:
+        """Read the current image (slice), restore its autosaved objects, and embed it in the background."""
+        if self._worker is not None:
+            return
+        if self.session.model is None:
+            self._say("choose a model and press Load model first")
+            return
+        try:
+            channels = self._read_channels()
+            layer = self._chosen_layers()[0]
+            index = self._stack_index(channels, layer)
+            plane = channels.plane(index)
+            check_plane(plane, f"layer '{layer.name}'" + (f", slice {index[0]}" if index else ""))
+            rgb = sam_rgb(plane, self._sam_channels())
+        except ImageError as error:
+            self._say(str(error))
+            return
+        self._switch_plane(channels, index, layer, content_key(plane))
+        cached = self.session.is_cached(rgb)
+        self._start(
+            "loading cached embeddings…" if cached else "computing embeddings…",
+            lambda progress: self.session.set_image(rgb, progress),
+            lambda _: self._embeddings_ready(),
+        )
+
+    def _switch_plane(self, channels: ImageChannels, index: tuple[int, ...], layer: Image, key: str) -> None:
+        """Make ``key``'s plane the annotated one: save the previous one, show this one's saved objects."""
+        if key == self._plane_key:
+            return
+        self._autosave()
+        self.session.reset_image()
+        self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
+        self.history.clear()
+        height, width = channels.shape
+        saved = self.store.load(key, (height, width))
+        committed = saved if saved is not None else np.zeros((height, width), np.uint32)
+        self._ensure_layers(layer, committed)
+        self.clear_prompts()
+        automatic = self._layer(AUTOMATIC_LAYER)
+        if automatic is not None:
+            self.viewer.layers.remove(automatic)
+        if saved is not None:
+            self._say(f"restored {len(np.unique(saved)) - 1} autosaved objects")
+
+    def _forget_image(self) -> None:
+        """The annotated image was closed: its objects are saved; nothing refers to it any more."""
+        self._autosave()
+        self.session.reset_image()
+        self.history.clear()
+        self._channels, self._plane_index, self._plane_key, self._image_layer = None, (), None, None
+        self._update_buttons()
+
+    def _embeddings_ready(self) -> None:
+        height, width = self.session.image_shape
+        tiled = " (tiled)" if self.session.tiled else ""
+        self._say(
+            f"embeddings ready for {height} x {width}{tiled}. Click cells in '{POINTS_LAYER}' (T switches "
+            f"positive/negative) or draw boxes in '{BOXES_LAYER}', then Segment [S] and Commit [C]"
+        )
+        self.viewer.layers.selection.active = self._layer(POINTS_LAYER)
+        self._layer(POINTS_LAYER).mode = "add"
+
+    def _on_slice_change(self, event=None) -> None:
+        """In a stack, moving to another slice annotates that slice (its embeddings load or compute)."""
+        if self._channels is None or not self._channels.stack_shape or self._image_layer is None:
+            return
+        if self._stack_index(self._channels, self._image_layer) != self._plane_index and self._worker is None:
+            self.compute_embeddings()
+
+    # ------------------------------------------------------------------ layers
+    def _layer(self, name: str):
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _ensure_layers(self, image: Image, committed: np.ndarray) -> None:
+        """Create (or reset) the prompt and result layers, aligned with the image's last two axes."""
+        placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
+        height, width = committed.shape
+        for name in _OWN_LAYERS:  # a leftover of another size (a previous image) is replaced
+            layer = self._layer(name)
+            if layer is not None and name != POINTS_LAYER and name != BOXES_LAYER and layer.data.shape != (height, width):
+                self.viewer.layers.remove(layer)
+        if self._layer(COMMITTED_LAYER) is None:
+            layer = self.viewer.add_labels(committed, name=COMMITTED_LAYER, **placement)
+            layer.events.paint.connect(lambda event: self._autosave_timer.start())
+            self._bind_keys(layer)
+        else:
+            self._layer(COMMITTED_LAYER).data = committed
+        if self._layer(CURRENT_LAYER) is None:
+            self._bind_keys(self.viewer.add_labels(
+                np.zeros((height, width), np.uint8), name=CURRENT_LAYER, opacity=0.6, **placement
+            ))
+        else:
+            self._layer(CURRENT_LAYER).data = np.zeros((height, width), np.uint8)
+        if self._layer(BOXES_LAYER) is None:
+            self._bind_keys(self.viewer.add_shapes(
+                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placement,
+            ))
+        if self._layer(POINTS_LAYER) is None:
+            self._bind_keys(self.viewer.add_points(
+                name=POINTS_LAYER, ndim=2, size=max(8, max(height, width) // 60), face_color="transparent", border_width=0.3,
+                features={"prompt": np.array([], dtype=object)}, property_choices={"prompt": [POSITIVE, NEGATIVE]},
+                border_color="prompt", border_color_cycle=_PROMPT_COLORS, **placement,
+            ))
+        self._set_prompt_mode(self._prompt_mode)
+
+    # ------------------------------------------------------------------ prompts
+    def _set_prompt_mode(self, mode: str) -> None:
+        self._prompt_mode = mode
+        points = self._layer(POINTS_LAYER)
+        if points is not None:
+            points.feature_defaults["prompt"] = mode
+        colour = "green" if mode == POSITIVE else "red"
+        self.prompt_mode_label.setText(f"Next point: <b style='color:{colour}'>{mode}</b>  [T switches]")
+
+    def toggle_prompt_mode(self) -> None:
+        """Switch the next points between positive (on the object) and negative (not on it)."""
+        self._set_prompt_mode(NEGATIVE if self._prompt_mode == POSITIVE else POSITIVE)
+
+    def _prompts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """Points ``(N, 2)`` YX, their labels ``(N,)`` 1/0 and the last box ``[y0, x0, y1, x1]``, in pixels."""
+        points_layer, boxes_layer = self._layer(POINTS_LAYER), self._layer(BOXES_LAYER)
+        points = labels = box = None
+        if points_layer is not None and len(points_layer.data):
+            points = np.asarray(points_layer.data, dtype=float)
+            labels = (points_layer.features["prompt"].to_numpy() == POSITIVE).astype(int)
+        if boxes_layer is not None and len(boxes_layer.data):
+            corners = np.asarray(boxes_layer.data[-1], dtype=float)
+            box = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
+        return points, labels, box
+
+    def segment(self) -> None:
+        """Show the object SAM proposes for the current points and box in the current-object layer."""
+        if self._worker is not None or self.session.image_shape is None:
+            self._say("compute the embeddings first")
+            return
+        points, labels, box = self._prompts()
+        try:
+            mask = self.session.segment(points, labels, box)
+        except SessionError as error:
+            self._say(str(error))
+            return
+        self._layer(CURRENT_LAYER).data = mask.astype(np.uint8)
+        self._say(f"proposed object: {int(mask.sum())} pixels. Commit [C] keeps it; add points to correct it")
+
+    def clear_prompts(self) -> None:
+        """Drop all points, boxes and the shown object."""
+        for name in (POINTS_LAYER, BOXES_LAYER):
+            layer = self._layer(name)
+            if layer is not None and len(layer.data):
+                layer.data = []
+        current = self._layer(CURRENT_LAYER)
+        if current is not None and current.data.any():
+            current.data = np.zeros_like(current.data)
+
+    def commit(self) -> None:
+        """Write the shown object into the committed objects with a new id, then clear the prompts."""
+        current = self._layer(CURRENT_LAYER)
+        if current is None or not current.data.any():
+            self._say("nothing to commit: Segment [S] an object first")
+            return
+        committed = self._layer(COMMITTED_LAYER)
+        try:
+            object_id = self.history.commit(committed.data, current.data > 0)
+        except CommitError as error:
+            self._say(str(error))
+            return
+        committed.refresh()
+        self.clear_prompts()
+        self._autosave()
+        self._say(f"committed object {object_id}")
+        self._update_buttons()
+
+    def undo(self) -> None:
+        """Take back the last commit (one object, or a whole automatic segmentation)."""
+        committed = self._layer(COMMITTED_LAYER)
+        removed = self.history.undo(committed.data) if committed is not None else []
+        if not removed:
+            self._say("nothing to undo")
+            return
+        committed.refresh()
+        self._autosave()
+        self._say(f"undone: {len(removed)} object{'s' if len(removed) > 1 else ''} removed")
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ automatic segmentation
+    def automatic_segmentation(self) -> None:
+        """Segment every object of the image in the background into its own layer."""
+        if self._worker is not None or self.session.image_shape is None:
+            self._say("compute the embeddings first")
+            return
+        points_per_side = self.grid_spin.value()
+        self._start(
+            "automatic segmentation…",
+            lambda progress: self.session.automatic_segmentation(progress, points_per_side=points_per_side),
+            self._automatic_ready,
+        )
+
+    def _automatic_ready(self, labels: np.ndarray) -> None:
+        image = self._image_layer
+        layer = self._layer(AUTOMATIC_LAYER)
+        if layer is None:
+            self.viewer.add_labels(labels, name=AUTOMATIC_LAYER, opacity=0.5, scale=image.scale[-2:], translate=image.translate[-2:])
+        else:
+            layer.data = labels
+        count = len(np.unique(labels)) - 1
+        self._say(f"automatic segmentation: {count} objects. Commit all keeps them (one undo step)")
+
+    def commit_automatic(self) -> None:
+        """Commit every object of the automatic segmentation, as one undo step."""
+        automatic, committed = self._layer(AUTOMATIC_LAYER), self._layer(COMMITTED_LAYER)
+        if automatic is None or committed is None:
+            self._say("run Automatic segmentation first")
+            return
+        try:
+            ids = self.history.commit_labels(committed.data, np.asarray(automatic.data, np.uint32))
+        except CommitError as error:
+            self._say(str(error))
+            return
+        committed.refresh()
+        self.viewer.layers.remove(automatic)
+        self._autosave()
+        self._say(f"committed {len(ids)} objects from the automatic segmentation")
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ saving and export
+    def _autosave(self) -> None:
+        committed = self._layer(COMMITTED_LAYER)
+        if self._plane_key is None or committed is None:
+            return
+        try:
+            self.store.save(self._plane_key, np.asarray(committed.data, np.uint32), source=self._image_layer.name)
+        except OSError as error:
+            self._say(f"could not autosave the annotations ({error.strerror}): free disk space or check {self.store.root}")
+
+    def _browse_dataset(self) -> None:
+        path = QFileDialog.getExistingDirectory(self, "Dataset folder (.zarr)")
+        if path:
+            self.dataset_edit.setText(path)
+
+    def export(self) -> None:
+        """Append the current image (each annotated slice of a stack) and its objects to the dataset."""
+        path = self.dataset_edit.text().strip()
+        if not path:
+            self._say("type a dataset path (a .zarr folder) to export to")
+            return
+        if self._channels is None or self._plane_key is None:
+            self._say("nothing to export yet: compute embeddings and commit objects first")
+            return
+        try:
+            sam_channels = self._sam_channels()
+        except ImageError as error:
+            self._say(str(error))
+            return
+        self._autosave()
+        channels, split, name = self._channels, self.split_combo.currentText(), self._image_layer.name
+        current = (self._plane_key, np.array(self._layer(COMMITTED_LAYER).data, np.uint32))
+        names = None if Path(path).exists() else list(channels.names)
+
+        def write(progress):
+            samples = self._export_samples(channels, current, split, name)
+            return write_samples(path, samples, channel_names=names, sam_channels=sam_channels, progress=progress)
+
+        self._start(
+            f"exporting to {path}…",
+            write,
+            lambda ids: self._say(f"exported {len(ids)} image{'s' if len(ids) > 1 else ''} with their objects to {path} ({split})"),
+        )
+
+    def _export_samples(
+        self, channels: ImageChannels, current: tuple[str, np.ndarray], split: str, name: str
+    ) -> list[SampleInput]:
+        """The annotated planes of an image: the shown one (``current`` = key, labels), plus saved slices of a stack.
+
+        Runs in the export worker: reading and hashing every slice of a stack takes a while.
+        """
+        indices = [(z,) for z in range(channels.stack_shape[0])] if channels.stack_shape else [()]
+        samples = []
+        for index in indices:
+            plane = channels.plane(index)
+            key = content_key(plane)
+            labels = current[1] if key == current[0] else self.store.load(key, channels.shape)
+            if labels is not None and labels.any():
+                source = f"{name} slice {index[0]}" if index else name
+                samples.append(SampleInput(plane, labels, split=split, source=source))
+        if not samples:
+            raise DatasetError("no committed objects to export: Commit [C] some objects first")
+        return samples
+
+    # ------------------------------------------------------------------ workers
+    def _start(self, message: str, task: Callable[[Callable[[int, int], None]], Any], done: Callable[[Any], None]) -> None:
+        """Run ``task(progress)`` in a worker thread; ``done(result)`` runs on the GUI thread after it."""
+        self._say(message)
+        self.progress_bar.setRange(0, 0)  # busy until the task reports its first (done, total)
+        self.progress_bar.setVisible(True)
+        worker = create_worker(task, self._progress.changed.emit, _start_thread=False, _ignore_errors=True)  # _failed handles them
+        worker.returned.connect(done)
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._finished)
+        self._worker = worker
+        self._update_buttons()
+        worker.start()
+
+    def _show_progress(self, done: int, total: int) -> None:
+        self.progress_bar.setRange(0, max(total, 1))
+        self.progress_bar.setValue(done)
+
+    def _failed(self, error: Exception) -> None:
+        if isinstance(error, _USER_ERRORS):
+            self._say(str(error))
+        else:
+            log.error("napari-raysam annotator failed", exc_info=error)
+            self._say(f"unexpected error ({type(error).__name__}: {error}); details are in the terminal. Please report it.")
+
+    def _finished(self) -> None:
+        self._worker = None
+        self.progress_bar.setVisible(False)
+        self._update_buttons()
+        follow_up, self._after_worker = self._after_worker, None
+        if follow_up is not None:
+            follow_up()
+        else:
+            self._on_slice_change()  # the slider may have moved while the worker ran

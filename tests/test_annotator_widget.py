@@ -1,0 +1,339 @@
+"""The SAM annotator dock in a real napari viewer (Xvfb), driven through its buttons and keys."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import npe2
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from qtpy.QtCore import Qt
+
+from backend.dataset import open_dataset
+from backend.models import load_model, save_model_folder
+from napari_raysam.widgets.annotator import (
+    AUTOMATIC_LAYER,
+    BOXES_LAYER,
+    COMMITTED_LAYER,
+    CURRENT_LAYER,
+    POINTS_LAYER,
+    AnnotatorWidget,
+)
+from synthetic import synthetic_cells
+
+WORKER_TIMEOUT_MS = 120_000
+
+
+@pytest.fixture
+def annotator(make_napari_viewer, qtbot, tmp_path):
+    viewer = make_napari_viewer(show=True)
+    widget = AnnotatorWidget(viewer, cache_dir=tmp_path / "cache")
+    viewer.window.add_dock_widget(widget, name="SAM annotator")
+    return viewer, widget
+
+
+def wait_for_worker(qtbot, widget: AnnotatorWidget) -> None:
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=WORKER_TIMEOUT_MS)
+
+
+def press(qtbot, viewer, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
+    """A key press on napari's canvas, where the viewer's key bindings listen."""
+    qtbot.keyClick(viewer.window._qt_viewer.canvas.native, key, modifier)
+
+
+def load_tiny_model(qtbot, widget: AnnotatorWidget) -> None:
+    widget.model_combo.setCurrentText("random:tiny")
+    qtbot.mouseClick(widget.load_model_button, Qt.MouseButton.LeftButton)
+    wait_for_worker(qtbot, widget)
+    assert widget.session.model is not None, widget.status.text()
+
+
+def embed(qtbot, widget: AnnotatorWidget) -> None:
+    """Load random:tiny and compute the embeddings of the chosen image, through the buttons."""
+    load_tiny_model(qtbot, widget)
+    click(qtbot, widget.embed_button)
+    wait_for_worker(qtbot, widget)
+
+
+def click(qtbot, button) -> None:
+    assert button.isEnabled(), button.text()
+    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+
+
+def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    image, truth = synthetic_cells(np.random.default_rng(0), shape=(128, 128), n_channels=1, n_cells=6)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    assert "embeddings ready" in widget.status.text()
+    assert widget.segment_button.isEnabled()
+
+    # a positive point on a cell, then T and a negative point on the background
+    cell = np.argwhere(truth == truth.max())[0]
+    points = viewer.layers[POINTS_LAYER]
+    points.add(cell)
+    press(qtbot, viewer, Qt.Key.Key_T)
+    points.add([2, 2])
+    assert list(points.features["prompt"]) == ["positive", "negative"]
+    calls = []
+    segment = widget.session.segment
+    widget.session.segment = lambda *args: calls.append(args) or segment(*args)
+    press(qtbot, viewer, Qt.Key.Key_S)
+    prompt_points, prompt_labels, box = calls[-1]
+    np.testing.assert_allclose(prompt_points, [cell, [2, 2]])
+    assert list(prompt_labels) == [1, 0] and box is None
+    proposed = viewer.layers[CURRENT_LAYER].data > 0
+    np.testing.assert_array_equal(proposed, segment(prompt_points, prompt_labels, None))
+
+    # whatever the random model proposes, commit writes exactly that as object 1
+    viewer.layers[CURRENT_LAYER].data = (truth == truth.max()).astype(np.uint8)  # a known object to commit
+    press(qtbot, viewer, Qt.Key.Key_C)
+    committed = viewer.layers[COMMITTED_LAYER].data
+    np.testing.assert_array_equal(committed == 1, truth == truth.max())
+    assert len(points.data) == 0 and not viewer.layers[CURRENT_LAYER].data.any()
+
+    # a box prompt, segment with the button
+    ys, xs = np.nonzero(truth == 1)
+    viewer.layers[BOXES_LAYER].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
+    click(qtbot, widget.segment_button)
+    assert calls[-1][2] == pytest.approx([ys.min(), xs.min(), ys.max(), xs.max()])
+
+    # automatic segmentation in the background, commit all, undo takes back the whole batch
+    widget.grid_spin.setValue(8)
+    click(qtbot, widget.automatic_button)
+    wait_for_worker(qtbot, widget)
+    automatic = viewer.layers[AUTOMATIC_LAYER].data
+    assert automatic.shape == (128, 128) and automatic.dtype == np.uint32
+    viewer.layers[AUTOMATIC_LAYER].data = truth.copy()  # random weights find nothing reliable: commit known objects
+    click(qtbot, widget.commit_automatic_button)
+    committed = viewer.layers[COMMITTED_LAYER].data
+    assert set(np.unique(committed)) == set(range(int(committed.max()) + 1)) and committed.max() == 6
+    press(qtbot, viewer, Qt.Key.Key_U)
+    np.testing.assert_array_equal(viewer.layers[COMMITTED_LAYER].data, (truth == truth.max()).astype(np.uint32))
+
+    # export appends the image and its committed labels
+    data = tmp_path / "annotations.zarr"
+    widget.dataset_edit.setText(str(data))
+    widget.split_combo.setCurrentText("val")
+    click(qtbot, widget.export_button)
+    wait_for_worker(qtbot, widget)
+    dataset = open_dataset(data)
+    [sample] = dataset.sample_ids("val")
+    np.testing.assert_array_equal(dataset.image(sample)[0], image[0])
+    np.testing.assert_array_equal(dataset.labels(sample), viewer.layers[COMMITTED_LAYER].data)
+
+
+def test_committed_objects_survive_closing_and_reopening(make_napari_viewer, qtbot, tmp_path):
+    image, truth = synthetic_cells(np.random.default_rng(1), shape=(96, 128), n_channels=1, n_cells=4)
+    cache = tmp_path / "cache"
+    for attempt in range(2):
+        viewer = make_napari_viewer()
+        widget = AnnotatorWidget(viewer, cache_dir=cache)
+        viewer.add_image(image[0], name=f"cells opened {attempt}")
+        embed(qtbot, widget)
+        if attempt == 0:
+            viewer.layers[CURRENT_LAYER].data = (truth == 2).astype(np.uint8)
+            click(qtbot, widget.commit_button)
+        else:
+            assert "loading cached embeddings" not in widget.status.text()  # the final message replaced it
+            np.testing.assert_array_equal(viewer.layers[COMMITTED_LAYER].data, (truth == 2).astype(np.uint32))
+        viewer.close()
+
+
+def test_hand_painting_is_autosaved(annotator, qtbot):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(2), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    committed = viewer.layers[COMMITTED_LAYER]
+    committed.paint((40, 40), 7)
+    qtbot.waitUntil(lambda: (saved := widget.store.load(widget._plane_key, (96, 96))) is not None and saved[40, 40] == 7)
+
+
+def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(3), shape=(96, 96), n_channels=4, n_cells=3)
+    viewer.add_image(image, name="hpa")
+    # a short first axis is taken as channels; HPA's default SAM mapping is offered
+    assert widget.layout_combo.currentText() == "channels"
+    assert [combo.count() for combo in widget.channel_combos] == [4, 5, 5]
+    widget.channel_combos[1].setCurrentIndex(0)  # green: none
+    widget.channel_combos[2].setCurrentIndex(0)  # blue: none -> the red channel alone
+    assert widget._sam_channels() == (widget.channel_combos[0].currentIndex(),)
+
+    for index, name in enumerate(("microtubules", "protein", "nucleus", "er")):
+        viewer.add_image(image[index], name=name)
+    entries = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    combined = [entry for entry in entries if "microtubules + protein + nucleus + er" in entry]
+    assert combined, entries
+    widget.image_combo.setCurrentText(combined[0])
+    assert [widget.channel_combos[0].itemText(i) for i in range(4)] == ["microtubules", "protein", "nucleus", "er"]
+    embed(qtbot, widget)
+    assert widget.session.image_shape == (96, 96)
+
+    # export keeps the four channels, their names and the SAM mapping; a second export appends
+    viewer.layers[CURRENT_LAYER].data[30:50, 30:50] = 1
+    click(qtbot, widget.commit_button)
+    widget.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
+    for split in ("train", "val"):
+        widget.split_combo.setCurrentText(split)
+        click(qtbot, widget.export_button)
+        wait_for_worker(qtbot, widget)
+    dataset = open_dataset(tmp_path / "hpa.zarr")
+    assert dataset.channel_names == ["microtubules", "protein", "nucleus", "er"]
+    assert dataset.sam_channels == [0, 3, 2]
+    assert len(dataset.sample_ids("train")) == len(dataset.sample_ids("val")) == 1
+    np.testing.assert_array_equal(dataset.image(dataset.sample_ids("val")[0]), image)
+
+
+def test_stack_is_annotated_slice_by_slice(annotator, qtbot):
+    viewer, widget = annotator
+    rng = np.random.default_rng(4)
+    stack = np.stack([synthetic_cells(rng, shape=(80, 80), n_channels=1, n_cells=3)[0][0] for _ in range(6)])
+    viewer.add_image(stack, name="frames")
+    assert widget.layout_combo.currentText().startswith("slices")
+    load_tiny_model(qtbot, widget)
+    viewer.dims.set_current_step(0, 2)
+    click(qtbot, widget.embed_button)
+    wait_for_worker(qtbot, widget)
+    viewer.layers[CURRENT_LAYER].data[10:20, 10:20] = 1
+    click(qtbot, widget.commit_button)
+    viewer.dims.set_current_step(0, 4)  # the next slice starts empty and gets its own embeddings
+    wait_for_worker(qtbot, widget)
+    assert widget._plane_index == (4,) and not viewer.layers[COMMITTED_LAYER].data.any()
+    viewer.dims.set_current_step(0, 2)  # going back restores slice 2's objects
+    wait_for_worker(qtbot, widget)
+    assert viewer.layers[COMMITTED_LAYER].data[15, 15] == 1
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.full((100, 100), np.nan, np.float32), "NaN"),
+        (np.zeros((40, 500), np.uint8), "64"),
+        (np.zeros((2, 3, 5, 80, 80), np.uint8), "2D"),
+    ],
+)
+def test_bad_images_get_a_plain_message(annotator, qtbot, data, message):
+    viewer, widget = annotator
+    viewer.add_image(data, name="bad")
+    load_tiny_model(qtbot, widget)
+    widget.compute_embeddings()
+    wait_for_worker(qtbot, widget)
+    assert message in widget.status.text()
+    assert widget.session.image_shape is None
+
+
+def test_no_image_and_unloadable_model_get_plain_messages(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    assert not widget.embed_button.isEnabled()
+    widget.model_combo.setCurrentText(str(tmp_path / "missing.pt"))
+    click(qtbot, widget.load_model_button)
+    wait_for_worker(qtbot, widget)
+    assert "no file or folder" in widget.status.text()
+    press(qtbot, viewer, Qt.Key.Key_S)
+    assert "compute the embeddings first" in widget.status.text()
+
+
+def _saved_variant(folder, part: str):
+    """A model folder of random:tiny with the weights of ``part`` changed, as a fine-tune would."""
+    sam = load_model("random:tiny").sam
+    with torch.no_grad():
+        for param in getattr(sam, part).parameters():
+            param.add_(0.01)
+    return save_model_folder(
+        sam, folder, model_type="tiny", base_model="random:tiny", mode="decoder",
+        dataset_fingerprint=None, metrics={}, config={},
+    )
+
+
+def test_model_switch_keeps_embeddings_only_when_the_encoder_is_unchanged(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(5), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    first = widget.session.model.encoder_fingerprint
+
+    # a decoder fine-tune, chosen as its run folder: the embeddings stay
+    _saved_variant(tmp_path / "run-1" / "model", "mask_decoder")
+    widget.model_combo.setCurrentText(str(tmp_path / "run-1"))
+    click(qtbot, widget.load_model_button)
+    wait_for_worker(qtbot, widget)
+    assert "embeddings were kept" in widget.status.text()
+    assert widget.session.model.source == str(tmp_path / "run-1" / "model")
+    assert widget.segment_button.isEnabled()
+
+    # another image encoder: the embeddings are recomputed without asking
+    _saved_variant(tmp_path / "encoder-tuned", "image_encoder")
+    widget.model_combo.setCurrentText(str(tmp_path / "encoder-tuned"))
+    click(qtbot, widget.load_model_button)
+    qtbot.waitUntil(lambda: "embeddings ready" in widget.status.text(), timeout=WORKER_TIMEOUT_MS)
+    assert widget.session.model.encoder_fingerprint != first
+
+
+def test_a_checkpoint_of_another_architecture_is_refused_in_plain_words(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    load_tiny_model(qtbot, widget)
+    vit_t_keys = {"image_encoder.patch_embed.seq.0.c.weight": torch.zeros(1), "mask_decoder.x": torch.zeros(1)}
+    safetensors.torch.save_file(vit_t_keys, str(tmp_path / "other.safetensors"))
+    widget.model_combo.setCurrentText(str(tmp_path / "other.safetensors"))
+    click(qtbot, widget.load_model_button)
+    wait_for_worker(qtbot, widget)
+    assert "other.safetensors" in widget.status.text()
+    assert widget.session.model.source == "random:tiny"  # the loaded model stays
+
+
+def test_prompts_outside_the_image_get_a_plain_message(annotator, qtbot):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(7), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    viewer.layers[POINTS_LAYER].add([500, 500])
+    click(qtbot, widget.segment_button)
+    assert "outside the image" in widget.status.text()
+    assert not viewer.layers[CURRENT_LAYER].data.any()
+
+
+def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
+    manifest = npe2.PluginManifest.from_distribution("napari-raysam")
+    assert manifest == npe2.PluginManifest.from_file(Path(__file__).parents[1] / "napari.yaml")
+    viewer = make_napari_viewer()
+    dock, widget = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+    assert isinstance(widget, AnnotatorWidget)
+    viewer.open_sample("napari-raysam", "hela")
+    frames, masks = viewer.layers
+    assert frames.data.shape == (20, 700, 1100) and masks.data.max() > 10
+    assert widget.image_combo.currentText() == frames.name
+
+
+def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(6), shape=(128, 128), n_channels=1, n_cells=5)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    path = tmp_path / "annotator.png"
+    screenshot = viewer.screenshot(str(path), canvas_only=False)
+    assert path.is_file()
+    # the dock is laid out at a readable size and every button is on screen
+    assert widget.width() >= 250 and widget.isVisible()
+    for button in (widget.segment_button, widget.commit_button, widget.export_button):
+        assert button.isVisible() and button.width() >= 40 and button.height() >= 15
+    assert screenshot.shape[1] > widget.width()
+
+
+def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbot):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(8), shape=(96, 96), n_channels=1, n_cells=3)
+    layer = viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    viewer.layers[CURRENT_LAYER].data[5:15, 5:15] = 1
+    click(qtbot, widget.commit_button)
+    key = widget._plane_key
+    viewer.layers.remove(layer)
+    assert not widget.segment_button.isEnabled() and not widget.export_button.isEnabled()
+    assert widget.store.load(key, (96, 96))[10, 10] == 1
+    widget.dataset_edit.setText("out.zarr")
+    widget.export()
+    assert "nothing to export" in widget.status.text()
