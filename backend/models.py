@@ -8,6 +8,9 @@ Model sources (``load_model``):
 - a model folder (DESIGN.md Contract 3: ``model.safetensors`` + ``meta.json``);
 - a checkpoint file: ``.safetensors``, a micro-sam ``.pt`` or an original SAM ``.pth``.
 
+micro-sam ``.pt`` files and zoo models may also carry micro-sam's instance segmentation decoder
+(``decoder_state``); ``build_instance_decoder`` makes it a module for automatic segmentation.
+
 Nothing here unpickles: weights are read with safetensors or ``torch.load(weights_only=True)``, so a
 checkpoint that needs arbitrary Python objects is refused before any of its code can run.
 """
@@ -80,6 +83,9 @@ class LoadedModel:
     fingerprint: str
     encoder_fingerprint: str
     meta: dict
+    # micro-sam's instance segmentation decoder (its UNETR decoder's state dict, CPU tensors) when the
+    # source carries one (micro-sam .pt files, zoo *_lm / *_em_organelles models); not in ``fingerprint``.
+    decoder_state: dict[str, torch.Tensor] | None = dataclasses.field(default=None, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +175,7 @@ def load_model(source: str | os.PathLike[str], device: str | torch.device = "cpu
     of another architecture, zoo model not cached while offline.
     """
     source = os.fspath(source)
-    sam, model_type, meta = _resolve_source(source)
+    sam, model_type, meta, decoder_state = _resolve_source(source)
     state = sam.state_dict()
     encoder_state = {key: value for key, value in state.items() if key.startswith("image_encoder.")}
     return LoadedModel(
@@ -179,11 +185,12 @@ def load_model(source: str | os.PathLike[str], device: str | torch.device = "cpu
         fingerprint=state_fingerprint(state),
         encoder_fingerprint=state_fingerprint(encoder_state),
         meta=meta,
+        decoder_state=decoder_state,
     )
 
 
-def _resolve_source(source: str) -> tuple[Sam, str, dict]:
-    """Build the CPU model for ``source``: returns ``(sam, model_type, meta)``."""
+def _resolve_source(source: str) -> tuple[Sam, str, dict, dict[str, torch.Tensor] | None]:
+    """Build the CPU model for ``source``: returns ``(sam, model_type, meta, decoder_state)``."""
     if source.startswith(RANDOM_PREFIX):
         model_type = source[len(RANDOM_PREFIX):]
         if model_type not in MODEL_TYPES:
@@ -191,17 +198,17 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict]:
                 f"unknown model type '{model_type}' in '{source}'; use one of "
                 + ", ".join(RANDOM_PREFIX + name for name in MODEL_TYPES)
             )
-        return build_sam(model_type), model_type, {}
+        return build_sam(model_type), model_type, {}, None
 
     # Paths before zoo names: telling zoo names apart needs micro_sam.util, which imports napari.
     path = Path(source).expanduser()
     if path.is_dir():
         state, meta = _read_model_folder(path)
-        return _sam_from_state(state, meta["model_type"], f"model folder {path}"), meta["model_type"], meta
+        return _sam_from_state(state, meta["model_type"], f"model folder {path}"), meta["model_type"], meta, None
     if path.is_file():
-        state = _read_checkpoint_file(path)
+        state, decoder_state = _read_checkpoint_file(path)
         model_type = _infer_model_type(state, f"checkpoint {path}")
-        return _sam_from_state(state, model_type, f"checkpoint {path}"), model_type, {}
+        return _sam_from_state(state, model_type, f"checkpoint {path}"), model_type, {}, decoder_state
     if any(char in source for char in "/\\.~"):  # zoo names have none of these; this was meant as a path
         raise ModelError(f"no file or folder at {path.absolute()}. {_VALID_SOURCES}")
 
@@ -213,10 +220,23 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict]:
             f"'{source}' is not a file, a folder or a micro-sam model name.{hint} {_VALID_SOURCES} "
             f"micro-sam model names: {', '.join(names)}."
         )
-    path = _cached_zoo_checkpoint(_zoo(), source)
-    state = _read_torch_checkpoint(path)
+    zoo = _zoo()
+    path = _cached_zoo_checkpoint(zoo, source, f"micro-sam model '{source}'")
+    state, decoder_state = _read_torch_checkpoint(path)
+    # micro-sam keeps a zoo model's decoder in a file of its own, "<name>_decoder", read with the model.
+    # Optional: training never needs it, and without it automatic segmentation uses the point grid.
+    decoder_name = f"{source}_decoder"
+    if decoder_name in zoo.registry:
+        try:
+            decoder_path = _cached_zoo_checkpoint(
+                zoo, decoder_name, f"the instance segmentation decoder of micro-sam model '{source}'"
+            )
+        except ModelError as error:
+            warnings.warn(f"{error} Until then automatic segmentation uses the point grid.", stacklevel=2)
+        else:
+            decoder_state = _read_decoder_file(decoder_path)
     model_type = _infer_model_type(state, f"micro-sam model '{source}' ({path})")
-    return _sam_from_state(state, model_type, f"micro-sam model '{source}' ({path})"), model_type, {}
+    return _sam_from_state(state, model_type, f"micro-sam model '{source}' ({path})"), model_type, {}, decoder_state
 
 
 _VALID_SOURCES = (
@@ -242,8 +262,11 @@ def zoo_model_names(cached_only: bool = False) -> list[str]:
     return [name for name in names if (zoo.abspath / name).is_file()] if cached_only else names
 
 
-def _cached_zoo_checkpoint(zoo, name: str) -> Path:
-    """Path of zoo model ``name`` in micro-sam's cache, downloading it there if it is missing."""
+def _cached_zoo_checkpoint(zoo, name: str, what: str) -> Path:
+    """Path of zoo file ``name`` in micro-sam's cache, downloading it there if it is missing.
+
+    ``what`` names the file in the error, e.g. "micro-sam model 'vit_b_lm'".
+    """
     path = zoo.abspath / name  # pooch stores each file under its registry name, without extension
     if path.is_file():
         return path
@@ -251,7 +274,7 @@ def _cached_zoo_checkpoint(zoo, name: str) -> Path:
         return Path(zoo.fetch(name, progressbar=False))
     except (OSError, ValueError) as error:  # requests' errors are OSErrors; pooch's hash check raises ValueError
         raise ModelError(
-            f"micro-sam model '{name}' is not in micro-sam's cache and could not be downloaded ({error}). "
+            f"{what} is not in micro-sam's cache and could not be downloaded ({error}). "
             f"On a machine with internet access download {zoo.urls[name]} and save it as the file "
             f"'{name}' (exactly this name, no extension) in the folder {path.parent}. That folder is "
             "<cache>/models where <cache> is $MICROSAM_CACHEDIR when set (else micro-sam's default cache); "
@@ -288,9 +311,10 @@ def _read_model_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return _read_safetensors(weights_path), meta
 
 
-def _read_checkpoint_file(path: Path) -> dict[str, torch.Tensor]:
+def _read_checkpoint_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(sam_state, decoder_state)`` of a checkpoint file; only micro-sam ``.pt`` files carry a decoder."""
     if path.suffix == ".safetensors":
-        return _read_safetensors(path)
+        return _read_safetensors(path), None
     return _read_torch_checkpoint(path)
 
 
@@ -301,26 +325,57 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"cannot read {path} as safetensors ({error}); it is damaged or of another format.") from error
 
 
-def _read_torch_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """SAM state dict from a SAM ``.pth`` (plain state dict) or micro-sam ``.pt`` file, never unpickling.
+def _read_torch_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """``(sam_state, decoder_state)`` of a SAM ``.pth`` (plain state dict) or micro-sam ``.pt``, never unpickling.
 
-    micro-sam files hold ``{"model_state": ...}`` (``decoder_state`` and other entries are ignored),
-    possibly with ``sam.`` key prefixes from training, which are removed.
+    micro-sam files hold ``{"model_state": ..., "decoder_state": ...}`` (other entries are ignored): the
+    SAM state, possibly with ``sam.`` key prefixes from training, which are removed, and optionally the
+    state dict of its instance segmentation decoder (the UNETR's entries other than ``encoder.*``, as
+    micro-sam's ``export_instance_segmentation_model`` and ``export_custom_sam_model`` write it).
+    ``decoder_state`` is None when the file has none.
     """
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:  # torch's safe loader met something other than plain weights
-        raise _unpickling_refusal(path, error) from error
-    except Exception as error:  # torch.load raises anything from KeyError to RuntimeError on a damaged file
-        raise ModelError(f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}).") from error
+    checkpoint = _torch_load(path)
+    decoder_state = None
     if isinstance(checkpoint, Mapping) and "model_state" in checkpoint:
+        decoder_state = checkpoint.get("decoder_state")
+        if decoder_state is not None and not _is_tensor_mapping(decoder_state):
+            raise ModelError(
+                f"{path} holds a 'decoder_state' that is not a mapping of names to tensors; it is damaged "
+                "or not a micro-sam checkpoint. Export the model again with micro-sam."
+            )
         checkpoint = checkpoint["model_state"]
-    if not isinstance(checkpoint, Mapping) or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+    if not _is_tensor_mapping(checkpoint):
         raise ModelError(
             f"{path} holds no SAM state dict: expected a mapping of names to tensors, or micro-sam's "
             "{'model_state': ...}."
         )
-    return {key.removeprefix("sam."): value for key, value in checkpoint.items()}
+    state = {key.removeprefix("sam."): value for key, value in checkpoint.items()}
+    return state, (dict(decoder_state) if decoder_state is not None else None)
+
+
+def _read_decoder_file(path: Path) -> dict[str, torch.Tensor]:
+    """The decoder state dict in a micro-sam zoo ``<name>_decoder`` file (a plain state dict), never unpickling."""
+    decoder_state = _torch_load(path)
+    if not _is_tensor_mapping(decoder_state):
+        raise ModelError(
+            f"{path} holds no decoder state dict (a mapping of names to tensors): it is damaged. Delete it "
+            "so that micro-sam's cache downloads it again."
+        )
+    return dict(decoder_state)
+
+
+def _torch_load(path: Path) -> object:
+    """``torch.load(path, weights_only=True)`` on the CPU; ModelError for a file that is damaged or needs unpickling."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:  # torch's safe loader met something other than plain weights
+        raise _unpickling_refusal(path, error) from error
+    except Exception as error:  # torch.load raises anything from KeyError to RuntimeError on a damaged file
+        raise ModelError(f"cannot read {path} as a PyTorch checkpoint ({type(error).__name__}: {error}).") from error
+
+
+def _is_tensor_mapping(value: object) -> bool:
+    return isinstance(value, Mapping) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
 
 
 _REEXPORT_HINT = (
@@ -386,6 +441,31 @@ def _sam_from_state(state: Mapping[str, torch.Tensor], model_type: str, origin: 
         )
     sam.load_state_dict(state)
     return sam
+
+
+def build_instance_decoder(model: LoadedModel, device: str | torch.device = "cpu") -> torch.nn.Module | None:
+    """micro-sam's instance segmentation decoder of ``model`` on ``device``; None if it carries none.
+
+    The module is ``micro_sam.instance_segmentation.get_decoder``'s ``DecoderAdapter``: it maps the
+    ``(1, 256, 64, 64)`` image embeddings of ``model.sam`` to foreground, center distance and boundary
+    distance maps, for ``InstanceSegmentationWithDecoder``. Raises ModelError when ``decoder_state``
+    does not fit micro-sam's decoder.
+    """
+    if model.decoder_state is None:
+        return None
+    # Imported on first use: micro_sam.instance_segmentation imports micro_sam.util, which imports napari.
+    from micro_sam.instance_segmentation import get_decoder
+
+    try:
+        # Left in the train mode get_decoder returns (BatchNorm uses the image's own statistics): micro-sam's
+        # annotator and automatic_instance_segmentation run it so, and results should match theirs.
+        return get_decoder(model.sam.image_encoder, model.decoder_state, device)
+    except RuntimeError as error:  # micro-sam's check for missing tensors, or load_state_dict's for shapes
+        raise ModelError(
+            f"the instance segmentation decoder in {model.source} does not fit micro-sam's decoder ({error}); "
+            "it is damaged or from an incompatible micro-sam version. Export the model again with micro-sam, "
+            "or use a checkpoint without 'decoder_state' (automatic segmentation then uses the point grid)."
+        ) from error
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,11 +23,17 @@ weights' values. CPU only. Each figure sits beside what micro-sam does on the sa
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import json
 import os
 import shutil
+import sys
 import tempfile
+import threading
 import time
+import traceback
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,6 +77,22 @@ def timed(call: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+@contextlib.contextmanager
+def usage(summary: dict, name: str):
+    """Record in ``summary[name]`` the 1-min load average before and after, and the cores this process used:
+    on this shared 2-core machine, other processes slow the figures down (2 torch threads on 1 free core)."""
+    load, wall, cpu = os.getloadavg()[0], time.perf_counter(), time.process_time()
+    yield
+    summary[name] = {"load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2),
+                     "cores_used_by_this_process": round((time.process_time() - cpu) / (time.perf_counter() - wall), 2)}
+
+
+def rle_runs(mask: np.ndarray) -> int:
+    """Length of the run-length encoding of an ``(H, W)`` mask (segment-anything's, column-major)."""
+    flat = np.concatenate([[0], np.asarray(mask, np.int8).T.ravel(), [0]])
+    return int(np.count_nonzero(np.diff(flat)))
+
+
 def cached_zarr(cache_dir: Path) -> Path:
     """The one embedding file the session wrote under ``cache_dir``."""
     (path,) = (cache_dir / "embeddings").glob("*/*.zarr")
@@ -104,7 +126,7 @@ def prompt_latency(session: SamSession, rgb: np.ndarray, labels: np.ndarray, n_p
         ours(kind, prompt)
         micro_sam(kind, prompt)
     times = {"ours": {"point": [], "box": []}, "micro_sam": {"point": [], "box": []}}
-    same = 0
+    same, predicted_runs = 0, []
     for i, (kind, prompt) in enumerate(prompts):
         sides = (("ours", ours), ("micro_sam", micro_sam))
         masks = {}
@@ -113,7 +135,12 @@ def prompt_latency(session: SamSession, rgb: np.ndarray, labels: np.ndarray, n_p
             masks[name] = call(kind, prompt)
             times[name][kind].append(time.perf_counter() - start)
         same += bool(np.array_equal(masks["ours"], np.asarray(masks["micro_sam"], bool)))
-    result = {"objects_in_frame": len(ids), "prompts": n_prompts, "identical_masks": same}
+        predicted_runs.append(rle_runs(masks["ours"]))
+    result = {"objects_in_frame": len(ids), "prompts": n_prompts, "identical_masks": same,
+              # random weights give speckled masks: their run-length encodings (what the automatic
+              # segmentation copies around in Python lists) are far longer than real objects'
+              "rle_runs_median_predicted": float(np.median(predicted_runs)),
+              "rle_runs_median_reference": float(np.median([rle_runs(labels == i) for i in ids]))}
     for name, by_kind in times.items():
         result[name] = {"all": percentiles_ms(by_kind["point"] + by_kind["box"]),
                         "point": percentiles_ms(by_kind["point"]), "box": percentiles_ms(by_kind["box"])}
@@ -180,15 +207,33 @@ def export(work: Path, planes: np.ndarray, masks: np.ndarray) -> dict:
     return result
 
 
+class GcPauses:
+    """``gc.callbacks`` entry recording each garbage collection of at least ``min_s``: a collection
+    holds the GIL throughout, so no other Python thread (the GUI's included) runs meanwhile."""
+
+    def __init__(self, min_s: float = 0.02) -> None:
+        self.min_s = min_s
+        self.events: list[dict] = []
+        self._start = 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        now = time.perf_counter()
+        if phase == "start":
+            self._start = now
+        elif now - self._start >= self.min_s:
+            thread = threading.current_thread()
+            self.events.append({"start": self._start, "end": now, "ms": round((now - self._start) * 1000, 1),
+                                "generation": info["generation"],
+                                "thread": "main (GUI)" if thread is threading.main_thread() else thread.name})
+
+
 class GilWatchdog:
     """A Python thread that sleeps ``period_s`` in a loop; when it wakes more than ``late_s`` late,
     the GIL was held elsewhere (or the CPU was taken): it records when, how long, and where the
     main (GUI) thread and the widget's worker (the thread inside session.py) are right then.
     """
 
-    def __init__(self, period_s: float = 0.005, late_s: float = 0.05) -> None:
-        import threading
-
+    def __init__(self, period_s: float = 0.01, late_s: float = 0.05) -> None:
         self.period_s, self.late_s = period_s, late_s
         self.events: list[dict] = []
         self._stop = threading.Event()
@@ -203,9 +248,6 @@ class GilWatchdog:
         self._thread.join()
 
     def _run(self) -> None:
-        import sys
-        import traceback
-
         def where(frame) -> list[str]:
             return [f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in traceback.extract_stack(frame)[-6:]]
 
@@ -255,7 +297,7 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
     callbacks: list[tuple[str, float, float]] = []
     for owner, names in ((widget, ("compute_embeddings", "automatic_segmentation", "_switch_plane", "_ensure_layers",
                                    "_embeddings_ready", "_automatic_ready", "_finished", "_model_loaded")),
-                         (widget.store, ("load",))):
+                         (widget.store, ("load",)), (type(viewer), ("add_labels", "add_points", "add_shapes"))):
         for name in names:
             def wrapper(*args, _method=getattr(owner, name), _name=name, **kwargs):
                 start = time.perf_counter()
@@ -306,8 +348,18 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
         overlapping = [(name, round(s * 1000, 1)) for name, begin, s in callbacks
                        if begin < at[1] and begin + s > at[0]]
         held = [event for event in watchdog.events if event["start"] < at[1] and event["end"] > at[0]]
+        overlaps = lambda event, start, end: event["start"] < end and event["end"] > start
+        long_gaps = [(inside[i], inside[i + 1]) for i in np.flatnonzero(gap > 100)]
         return {"gil_stalls_in_max_gap": held, "gil_stalls_over_100ms": sum(e["late_ms"] > 100 for e in watchdog.events
                                                                          if window[0] <= e["start"] <= window[1]),
+                "gc_pauses_in_max_gap": [{k: e[k] for k in ("ms", "generation", "thread")}
+                                         for e in gc_pauses.events if overlaps(e, *at)],
+                "gaps_over_100ms_with_a_gc_pause_over_50ms": sum(
+                    any(e["ms"] > 50 and overlaps(e, *g) for e in gc_pauses.events) for g in long_gaps),
+                "gc_pauses_over_100ms": sum(e["ms"] > 100 for e in gc_pauses.events if overlaps(e, *window)),
+                "gc_pauses_over_100ms_by_thread": dict(Counter(e["thread"] for e in gc_pauses.events
+                                                               if e["ms"] > 100 and overlaps(e, *window))),
+                "gc_pause_max_ms": max([e["ms"] for e in gc_pauses.events if overlaps(e, *window)], default=0.0),
                 "wall_s": window[1] - window[0], "beats": len(inside), "max_gap_ms": float(gap.max()),
                 "p99_gap_ms": float(np.percentile(gap, 99)), "median_gap_ms": float(np.median(gap)),
                 "gaps_over_100ms": int((gap > 100).sum()),
@@ -316,10 +368,14 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
 
     watchdog = GilWatchdog()
     watchdog.start()
+    gc_pauses = GcPauses()
+    gc.callbacks.append(gc_pauses)
     phase(widget.load_model)  # not a figure: the model is loaded before the phases that are
     result = {"idle": gaps(phase(None, tail_s=1.0))}
     result["embeddings"] = gaps(phase(widget.compute_embeddings))
     result["automatic_segmentation"] = gaps(phase(widget.automatic_segmentation))
+    watchdog.stop()
+    gc.callbacks.remove(gc_pauses)
     result["status_line"] = widget.status.text()
     result["widget_callbacks_ms"] = [(name, round(s * 1000, 1)) for name, _, s in callbacks]
 
@@ -356,9 +412,10 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
         viewer.layers.remove(layer)
         app.processEvents()
     result["add_labels_layer"] = add_labels
-    watchdog.stop()
     heartbeat.stop()
     viewer.close()
+    for name in ("add_labels", "add_points", "add_shapes"):  # napari's own methods back in place
+        delattr(type(viewer), name)
     return result
 
 
@@ -384,18 +441,23 @@ def main() -> None:
     summary["embeddings_s"] = timed(lambda: session.set_image(rgb))
     print(f"model load {summary['model_load_s']:.2f} s, embeddings of {SIDE} x {SIDE} {summary['embeddings_s']:.2f} s", flush=True)
 
-    prompt = summary["prompt"] = prompt_latency(session, rgb, labels, args.prompts)
+    load = summary["load"] = {}
+    with usage(load, "prompt"):
+        prompt = summary["prompt"] = prompt_latency(session, rgb, labels, args.prompts)
     ours, theirs = prompt["ours"]["all"], prompt["micro_sam"]["all"]
     print(f"1. prompt -> mask ({prompt['prompts']} prompts, half points half boxes, {prompt['objects_in_frame']} objects): "
           f"ours p50 {ours['p50_ms']:.1f} ms p95 {ours['p95_ms']:.1f} ms [goal p95 <= {GOALS['prompt_p95_ms']:.0f}]; "
           f"micro-sam p50 {theirs['p50_ms']:.1f} ms p95 {theirs['p95_ms']:.1f} ms; ours/micro-sam "
           f"p50 {prompt['ratio_p50_ours_over_micro_sam']:.2f} p95 {prompt['ratio_p95_ours_over_micro_sam']:.2f}; "
           f"identical masks {prompt['identical_masks']}/{prompt['prompts']}", flush=True)
+    print(f"   random-weight masks are speckled: median RLE length {prompt['rle_runs_median_predicted']:.0f} runs vs "
+          f"{prompt['rle_runs_median_reference']:.0f} for the reference objects", flush=True)
     for kind in ("point", "box"):
         print(f"   {kind}: ours p50 {prompt['ours'][kind]['p50_ms']:.1f} p95 {prompt['ours'][kind]['p95_ms']:.1f} ms; "
               f"micro-sam p50 {prompt['micro_sam'][kind]['p50_ms']:.1f} p95 {prompt['micro_sam'][kind]['p95_ms']:.1f} ms", flush=True)
 
-    reopen = summary["reopen"] = cached_reopen(work / "cache", plane, labels, args.reopens)
+    with usage(load, "reopen"):
+        reopen = summary["reopen"] = cached_reopen(work / "cache", plane, labels, args.reopens)
     print(f"2. cached reopen of {SIDE} x {SIDE} (sam_rgb + labels load + set_image, {args.reopens}x): median "
           f"{reopen['reopen_total']['median_s']:.3f} s max {reopen['reopen_total']['max_s']:.3f} s [goal <= {GOALS['reopen_s']}]; "
           f"set_image alone median {reopen['set_image_only']['median_s']:.3f} s; micro-sam precompute_image_embeddings "
@@ -403,20 +465,26 @@ def main() -> None:
           f"ours/micro-sam {reopen['ratio_median_ours_over_micro_sam']:.2f} (model load before it, not timed: "
           f"median {reopen['model_load_not_timed_above']['median_s']:.2f} s)", flush=True)
 
-    exported = summary["export"] = export(work, planes, label_planes)
+    with usage(load, "export"):
+        exported = summary["export"] = export(work, planes, label_planes)
     print(f"4. export of {exported['images']} images {SIDE} x {SIDE} with labels: write_samples "
           f"{', '.join(f'{s:.2f}' for s in exported['ours_s'])} s [goal <= {GOALS['export_s']}] "
           f"({exported['ours_MiB']:.1f} MiB); tifffile {', '.join(f'{s:.2f}' for s in exported['tifffile_s'])} s "
           f"({exported['tifffile_MiB']:.1f} MiB); best ours/tifffile {exported['ratio_best_ours_over_tifffile']:.2f}", flush=True)
 
     if not args.no_gui:
-        gui = summary["gui"] = gui_stalls(work, plane, labels, args.grid)
+        with usage(load, "gui"):
+            gui = summary["gui"] = gui_stalls(work, plane, labels, args.grid)
         for name in ("idle", "embeddings", "automatic_segmentation"):
             g = gui[name]
             print(f"3. event loop, {name} ({g['wall_s']:.1f} s, heartbeat {HEARTBEAT_MS} ms): max gap {g['max_gap_ms']:.0f} ms, "
                   f"p99 {g['p99_gap_ms']:.0f} ms, {g['gaps_over_100ms']} gaps > 100 ms [goal max <= {GOALS['stall_ms']:.0f}]; "
                   f"widget callbacks in the worst gap: {g['widget_callbacks_in_max_gap_ms']}; "
                   f"GIL held > 100 ms: {g['gil_stalls_over_100ms']}x", flush=True)
+            print(f"   GC pauses (hold the GIL): max {g['gc_pause_max_ms']:.0f} ms, {g['gc_pauses_over_100ms']} over 100 ms "
+                  f"(by thread {g['gc_pauses_over_100ms_by_thread']}); "
+                  f"{g['gaps_over_100ms_with_a_gc_pause_over_50ms']} of the {g['gaps_over_100ms']} gaps > 100 ms contain one > 50 ms; "
+                  f"in the worst gap: {g['gc_pauses_in_max_gap']}", flush=True)
             for event in g["gil_stalls_in_max_gap"]:
                 print(f"   GIL/CPU stall of {event['late_ms']} ms in the worst gap (this process used "
                       f"{event['process_cpu_share']} cores meanwhile): worker at {event['worker'][-3:]}, "
@@ -429,6 +497,8 @@ def main() -> None:
         print(f"   widget segment() of one point incl. layer update and redraw: p50 {w['p50_ms']:.1f} ms p95 {w['p95_ms']:.1f} ms "
               f"(of which SamSession.segment p50 {s['p50_ms']:.1f} ms p95 {s['p95_ms']:.1f} ms)", flush=True)
 
+    print("load average (1 min) before/after each figure, and cores this process used meanwhile: " + "; ".join(
+        f"{name} {u['load_before']}/{u['load_after']}, {u['cores_used_by_this_process']} cores" for name, u in load.items()))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(summary, indent=2, default=str))
 

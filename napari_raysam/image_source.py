@@ -17,7 +17,7 @@ from backend.dataset import DatasetError, content_sha256, non_finite_count, to_s
 
 MIN_SIZE = 64  # smallest height and width SAM is asked to segment
 
-_RGB_NAMES = ("R", "G", "B")
+_RGB_NAMES = ("red", "green", "blue")
 # HPA images are (microtubules, protein, nucleus, ER): cells are delineated by microtubules and
 # ER, nuclei by the nucleus stain, as in HPA's cell segmentation; the protein channel changes
 # with every antibody, so it is left out of SAM's input.
@@ -99,9 +99,9 @@ class ImageChannels:
         Args:
             data: the layer's array.
             rgb: the layer is RGB(A): ``(..., H, W, 3 | 4)``; channels R, G, B (alpha dropped),
-                named ``"<name> R"``, ``"<name> G"``, ``"<name> B"``.
-            channel_axis: an axis of ``data`` holding channels, named ``"<name> [0]"``, ...;
-                None: a single channel named ``name``.
+                named ``"red"``, ``"green"``, ``"blue"``.
+            channel_axis: an axis of ``data`` holding channels, named ``"channel 0"``, ...
+                (short, so the channel choosers stay readable); None: a single channel named ``name``.
             name: the layer's name.
 
         Raises:
@@ -124,7 +124,7 @@ class ImageChannels:
             axis = len(shape) - 1
             return cls(
                 tuple(_channel(data, axis, k) for k in range(3)),
-                tuple(f"{name} {colour}" for colour in _RGB_NAMES),
+                _RGB_NAMES,
             )
         if channel_axis is not None:
             if not -len(shape) <= channel_axis < len(shape):
@@ -137,7 +137,7 @@ class ImageChannels:
             _check_spatial_ndim(rest, name, f" without its channel axis {axis}")
             return cls(
                 tuple(_channel(data, axis, k) for k in range(shape[axis])),
-                tuple(f"{name} [{k}]" for k in range(shape[axis])),
+                tuple(f"channel {k}" for k in range(shape[axis])),
             )
         _check_spatial_ndim(shape, name, "")
         return cls((data,), (name,))

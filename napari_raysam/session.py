@@ -4,7 +4,9 @@ The lifecycle is segment-anything's ``SamPredictor``'s: :meth:`SamSession.set_mo
 :meth:`SamSession.set_image` (embeddings read from the disk cache or computed), then any
 number of :meth:`SamSession.segment` and :meth:`SamSession.automatic_segmentation` calls.
 Images larger than ``TILING_THRESHOLD`` on a side are embedded tile by tile with micro-sam's
-tiling, so even 10,000 x 10,000 pixels fit in memory.
+tiling, so even 10,000 x 10,000 pixels fit in memory. Automatic segmentation uses micro-sam's
+instance segmentation decoder when the model carries one (``AIS``), else its point-grid automatic
+mask generator (``AMG``).
 
 Threads: ``set_image`` and ``automatic_segmentation`` are slow and meant to run in a worker
 thread; while one of them runs, nothing else may be called on the session (the widget
@@ -18,13 +20,21 @@ are not evicted; delete the folder to reclaim space.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from micro_sam.instance_segmentation import AutomaticMaskGenerator, TiledAutomaticMaskGenerator
+import torch
+from micro_sam.instance_segmentation import (
+    AutomaticMaskGenerator,
+    InstanceSegmentationWithDecoder,
+    TiledAutomaticMaskGenerator,
+    TiledInstanceSegmentationWithDecoder,
+)
 from micro_sam.prompt_based_segmentation import (
     segment_from_box,
     segment_from_box_and_points,
@@ -33,13 +43,17 @@ from micro_sam.prompt_based_segmentation import (
 from micro_sam.util import precompute_image_embeddings
 from segment_anything import SamPredictor
 
-from backend.models import LoadedModel, staging_folder, load_model
+from backend.models import LoadedModel, build_instance_decoder, load_model, staging_folder
 from napari_raysam.annotations import default_cache_dir
 from napari_raysam.image_source import content_key
 
 TILE_SHAPE = (1024, 1024)
 HALO = (256, 256)
 TILING_THRESHOLD = 2048  # images with a side longer than this are embedded tile-wise
+
+# micro-sam's names of its automatic segmentation methods (``SamSession.automatic_mode``).
+AIS = "ais"  # automatic instance segmentation with the model's instance segmentation decoder
+AMG = "amg"  # automatic mask generation from a grid of point prompts
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -79,6 +93,19 @@ class _Progress:
             self._progress(self._done, self._total)
 
 
+@contextlib.contextmanager
+def _garbage_collection_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector (process-wide) inside the block; objects freed by
+    reference counting are still freed at once."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 class SamSession:
     """One SAM model and the embeddings of the image being annotated.
 
@@ -94,6 +121,7 @@ class SamSession:
         self.device = device
         self.model: LoadedModel | None = None
         self.predictor: SamPredictor | None = None
+        self._decoder: torch.nn.Module | None = None  # micro-sam's instance segmentation decoder, if any
         self._embeddings: dict[str, Any] | None = None  # micro-sam's ImageEmbeddings of the image
         self._image_shape: tuple[int, int] | None = None
         self._tiled = False
@@ -102,6 +130,9 @@ class SamSession:
 
     def set_model(self, source: str) -> bool:
         """Load the model at ``source`` (anything ``backend.models.load_model`` accepts).
+
+        A model that carries micro-sam's instance segmentation decoder gets it built here, for
+        :meth:`automatic_segmentation`.
 
         Returns:
             True if an image is set and its embeddings stay valid (the new model has the same
@@ -112,6 +143,7 @@ class SamSession:
             backend.models.ModelError: if the model cannot be loaded (the session is unchanged).
         """
         loaded = load_model(source, self.device)
+        decoder = build_instance_decoder(loaded, self.device)
         predictor = SamPredictor(loaded.sam)
         # micro-sam checks these against a cached embedding file before reading it; they name
         # the image encoder only, so the cache is shared by fine-tunes that kept the encoder.
@@ -123,7 +155,7 @@ class SamSession:
             and self.model is not None
             and self.model.encoder_fingerprint == loaded.encoder_fingerprint
         )
-        self.model, self.predictor = loaded, predictor
+        self.model, self.predictor, self._decoder = loaded, predictor, decoder
         if not keeps_image:
             self.reset_image()
         return keeps_image
@@ -183,6 +215,14 @@ class SamSession:
     def tiled(self) -> bool:
         """Whether the current image is embedded tile-wise."""
         return self._tiled
+
+    @property
+    def automatic_mode(self) -> str | None:
+        """The method :meth:`automatic_segmentation` uses with the current model: ``AIS`` ("ais") when
+        it carries micro-sam's instance segmentation decoder, else ``AMG`` ("amg"); None without a model."""
+        if self.model is None:
+            return None
+        return AIS if self._decoder is not None else AMG
 
     def _cache_path(self, rgb: np.ndarray) -> Path:
         assert self.model is not None
@@ -310,20 +350,31 @@ class SamSession:
         stability_score_thresh: float = 0.95,
         box_nms_thresh: float = 0.7,
         min_mask_region_area: int = 0,
+        center_distance_threshold: float = 0.5,
+        boundary_distance_threshold: float = 0.5,
+        min_object_size: int = 0,
     ) -> np.ndarray:
-        """Segment every object without prompts: micro-sam's automatic mask generator.
+        """Segment every object without prompts, with the method :attr:`automatic_mode` names.
 
-        A ``points_per_side`` x ``points_per_side`` grid of point prompts (per tile for a tiled
-        image) on the image's embeddings; the thresholds are those of
-        ``AutomaticMaskGenerator.generate`` with micro-sam's annotator defaults. The largest
-        object is removed as background, as micro-sam does. Models that carry micro-sam's
-        instance segmentation decoder (zoo ``*_lm``) could use
-        ``micro_sam.instance_segmentation.InstanceSegmentationWithDecoder`` here instead, once
-        ``LoadedModel`` carries that decoder.
+        ``AIS`` (the model carries micro-sam's instance segmentation decoder): the decoder predicts
+        foreground, center and boundary distance maps from the image's embeddings (per tile for a
+        tiled image), and a seeded watershed on them gives the objects; the arguments and defaults are
+        those of ``InstanceSegmentationWithDecoder.generate``, as micro-sam's
+        ``automatic_instance_segmentation`` runs it (a tiled image is post-processed tile-wise too).
+
+        ``AMG`` (every other model): a ``points_per_side`` x ``points_per_side`` grid of point
+        prompts (per tile for a tiled image) on the image's embeddings; the thresholds are those of
+        ``AutomaticMaskGenerator.generate`` with micro-sam's annotator defaults. The largest object
+        is removed as background, as micro-sam does.
 
         Args:
             progress: called as ``progress(done, total)`` from the calling thread, at the start,
-                per batch of grid points (per tile for a tiled image) and at the end.
+                per batch of grid points (AMG) or per tile (tiled image) and at the end.
+            points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh,
+                min_mask_region_area: AMG only.
+            center_distance_threshold, boundary_distance_threshold: AIS only; seeds are where both
+                predicted distances are below them.
+            min_object_size: AIS only; objects of fewer pixels are removed.
 
         Returns:
             ``(H, W)`` uint32 instance ids, 0 = background; all zeros if nothing was found.
@@ -334,22 +385,42 @@ class SamSession:
         if self._embeddings is None or self._image_shape is None:
             raise SessionError("compute the embeddings first")
         report = _Progress(progress)
-        generator_class = TiledAutomaticMaskGenerator if self._tiled else AutomaticMaskGenerator
-        generator = generator_class(self.predictor, points_per_side=points_per_side)
-        # The image only gives the generator its size: the embeddings are reused, not recomputed.
-        generator.initialize(
-            np.zeros((*self._image_shape, 3), np.uint8),
-            image_embeddings=self._embeddings,
-            verbose=True,
-            pbar_init=report.init,
-            pbar_update=report.update,
-        )
-        segmentation = generator.generate(
-            pred_iou_thresh=pred_iou_thresh,
-            stability_score_thresh=stability_score_thresh,
-            box_nms_thresh=box_nms_thresh,
-            min_mask_region_area=min_mask_region_area,
-            output_mode="instance_segmentation",
-        )
+        # The image only gives the segmenters its size: the embeddings are reused, not recomputed.
+        image = np.zeros((*self._image_shape, 3), np.uint8)
+        initialize = {
+            "image_embeddings": self._embeddings,
+            "verbose": True,  # micro-sam calls pbar_init/pbar_update only when verbose
+            "pbar_init": report.init,
+            "pbar_update": report.update,
+        }
+        if self._decoder is not None:
+            segmenter_class = TiledInstanceSegmentationWithDecoder if self._tiled else InstanceSegmentationWithDecoder
+            segmenter = segmenter_class(self.predictor, self._decoder)
+            segmenter.initialize(image, **initialize)
+            tiling = {"tile_shape": TILE_SHAPE, "halo": HALO} if self._tiled else {}
+            segmentation = segmenter.generate(
+                center_distance_threshold=center_distance_threshold,
+                boundary_distance_threshold=boundary_distance_threshold,
+                min_size=min_object_size,
+                output_mode="instance_segmentation",
+                **tiling,
+            )
+        else:
+            generator_class = TiledAutomaticMaskGenerator if self._tiled else AutomaticMaskGenerator
+            # micro-sam keeps every grid mask as Python lists and deep-copies them; the cyclic garbage
+            # collector rescans those lists while holding the GIL, which froze napari's event loop for
+            # up to 1.1 s (bench/annotator.py). Reference counting frees them when the generator goes,
+            # before collection resumes, so the collector never sees them.
+            with _garbage_collection_paused():
+                generator = generator_class(self.predictor, points_per_side=points_per_side)
+                generator.initialize(image, **initialize)
+                segmentation = generator.generate(
+                    pred_iou_thresh=pred_iou_thresh,
+                    stability_score_thresh=stability_score_thresh,
+                    box_nms_thresh=box_nms_thresh,
+                    min_mask_region_area=min_mask_region_area,
+                    output_mode="instance_segmentation",
+                )
+                del generator
         report.finish()
         return np.asarray(segmentation, dtype=np.uint32)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
+import torch
 
 from backend.dataset import write_samples
+from backend.models import build_sam
 from synthetic import cell_samples
 
 # Every Ray port on 127.0.0.1 (see DESIGN.md); set before any test starts Ray.
@@ -25,6 +28,26 @@ def cell_dataset(tmp_path_factory) -> Path:
         + cell_samples(1, "val", seed=2, shape=(128, 128), n_cells=6),
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def decoder_state() -> OrderedDict:
+    """A random micro-sam instance segmentation decoder for the tiny model, made as micro-sam's
+    ``export_instance_segmentation_model`` does: the UNETR's entries other than ``encoder.*``."""
+    from micro_sam.instance_segmentation import get_unetr
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unetr = get_unetr(build_sam("tiny").image_encoder, device="cpu")
+    return OrderedDict((key, value) for key, value in unetr.state_dict().items() if not key.startswith("encoder"))
+
+
+@pytest.fixture(scope="session")
+def decoder_model(tmp_path_factory, decoder_state) -> str:
+    """Path of a micro-sam ``.pt`` of the tiny model carrying ``decoder_state``, as micro-sam writes it."""
+    path = tmp_path_factory.mktemp("models") / "tiny_lm.pt"
+    torch.save({"model_state": OrderedDict(build_sam("tiny").state_dict()), "decoder_state": decoder_state}, path)
+    return str(path)
 
 
 @pytest.fixture(autouse=True)

@@ -303,7 +303,7 @@ def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
     dock, widget = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
     assert isinstance(widget, AnnotatorWidget)
     viewer.open_sample("napari-raysam", "hela")
-    frames, masks = viewer.layers
+    frames, masks = (layer for layer in viewer.layers if layer.name.startswith("HeLa"))
     assert frames.data.shape == (20, 700, 1100) and masks.data.max() > 10
     assert widget.image_combo.currentText() == frames.name
 
@@ -337,3 +337,19 @@ def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbo
     widget.dataset_edit.setText("out.zarr")
     widget.export()
     assert "nothing to export" in widget.status.text()
+
+
+def test_a_model_with_an_instance_decoder_segments_automatically_with_it(annotator, qtbot, decoder_model):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(9), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    widget.model_combo.setCurrentText(decoder_model)
+    click(qtbot, widget.load_model_button)
+    wait_for_worker(qtbot, widget)
+    assert "instance decoder" in widget.model_label.text() and not widget.grid_spin.isEnabled()
+    click(qtbot, widget.embed_button)
+    wait_for_worker(qtbot, widget)
+    click(qtbot, widget.automatic_button)
+    wait_for_worker(qtbot, widget)
+    assert viewer.layers[AUTOMATIC_LAYER].data.shape == (96, 96)
+    assert "automatic segmentation:" in widget.status.text()

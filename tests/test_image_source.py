@@ -48,7 +48,7 @@ def test_grayscale_layer_is_one_channel_with_the_original_dtype(rng):
 def test_rgba_layer_gives_red_green_blue_and_drops_alpha(rng):
     data = rng.integers(0, 256, (100, 120, 4), dtype=np.uint8)
     image = ImageChannels.from_layer(data, rgb=True, channel_axis=None, name="he")
-    assert image.names == ("he R", "he G", "he B")
+    assert image.names == ("red", "green", "blue")
     np.testing.assert_array_equal(image.plane(), np.moveaxis(data[..., :3], -1, 0))
     assert image.default_sam_channels() == (0, 1, 2)
 
@@ -56,7 +56,7 @@ def test_rgba_layer_gives_red_green_blue_and_drops_alpha(rng):
 def test_channel_axis_splits_channels_and_hpa_order_feeds_sam(rng):
     data = rng.random((100, 4, 120)).astype(np.float32)
     image = ImageChannels.from_layer(data, rgb=False, channel_axis=-2, name="hpa")
-    assert image.names == ("hpa [0]", "hpa [1]", "hpa [2]", "hpa [3]")
+    assert image.names == ("channel 0", "channel 1", "channel 2", "channel 3")
     assert image.shape == (100, 120)
     np.testing.assert_array_equal(image.plane(), np.moveaxis(data, 1, 0))
     # HPA: microtubules, protein, nucleus, ER -> microtubules, ER, nucleus as RGB.

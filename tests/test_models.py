@@ -3,6 +3,7 @@
 import os
 import pathlib
 import pickle
+from collections import OrderedDict
 
 import pooch
 import pytest
@@ -14,6 +15,7 @@ from micro_sam.models.peft_sam import PEFT_Sam
 from backend.models import (
     LoadedModel,
     ModelError,
+    build_instance_decoder,
     build_sam,
     export_micro_sam_checkpoint,
     load_model,
@@ -101,6 +103,7 @@ def test_random_source_loads_each_small_type(model_type):
     assert loaded.meta == {}
     assert not loaded.sam.training
     assert loaded.fingerprint == state_fingerprint(build_sam(model_type).state_dict())
+    assert loaded.decoder_state is None and build_instance_decoder(loaded) is None
 
 
 def test_encoder_fingerprint_ignores_decoder_changes():
@@ -129,6 +132,7 @@ def test_model_folder_round_trip_keeps_weights_and_meta(save_folder):
     loaded = load_model(folder)
     assert loaded.model_type == "tiny"
     assert loaded.fingerprint == state_fingerprint(sam.state_dict())
+    assert loaded.decoder_state is None
     meta = loaded.meta
     assert set(meta) == {"format", "version", "model_type", "base_model", "mode", "dataset_fingerprint",
                          "metrics", "config", "sha256", "created"}
@@ -248,6 +252,36 @@ def test_safetensors_file_loads(tmp_path):
     assert loaded.fingerprint == state_fingerprint(state)
 
 
+# --- micro-sam's instance segmentation decoder ---------------------------------------------------
+
+
+def test_micro_sam_checkpoint_with_decoder_gives_its_decoder(decoder_state, tmp_path):
+    sam = build_sam("tiny", seed=4)
+    path = tmp_path / "vit_tiny_lm.pt"
+    # micro-sam's export_instance_segmentation_model writes exactly this.
+    torch.save({"model_state": OrderedDict(sam.state_dict()), "decoder_state": decoder_state}, path)
+
+    loaded = load_model(path)
+    assert loaded.fingerprint == state_fingerprint(sam.state_dict())  # the SAM weights alone
+    assert loaded.decoder_state.keys() == decoder_state.keys()
+    assert all(torch.equal(loaded.decoder_state[key], value) for key, value in decoder_state.items())
+    assert "decoder_state" not in repr(loaded)  # megabytes of tensors stay out of logs
+
+    decoder = build_instance_decoder(loaded)
+    torch.testing.assert_close(decoder.out_conv.weight, decoder_state["out_conv.weight"])
+
+
+def test_decoder_that_does_not_fit_is_refused(decoder_state, tmp_path):
+    incomplete = {key: value for key, value in decoder_state.items() if key != "out_conv.weight"}
+    torch.save({"model_state": build_sam("tiny").state_dict(), "decoder_state": incomplete}, tmp_path / "cut.pt")
+    with pytest.raises(ModelError, match="decoder in .*cut.pt does not fit.*out_conv.weight"):
+        build_instance_decoder(load_model(tmp_path / "cut.pt"))
+
+    torch.save({"model_state": build_sam("tiny").state_dict(), "decoder_state": [1, 2]}, tmp_path / "odd.pt")
+    with pytest.raises(ModelError, match="'decoder_state' that is not a mapping of names to tensors"):
+        load_model(tmp_path / "odd.pt")
+
+
 class _TouchOnUnpickle:
     """Unpickling this creates ``marker``: stands for a checkpoint carrying arbitrary code."""
 
@@ -326,14 +360,38 @@ def test_uncached_zoo_model_offline_names_file_and_folder(offline_zoo):
     assert f"'{ZOO_NAME}'" in message and str(models_dir) in message and "MICROSAM_CACHEDIR" in message
 
 
-def test_cached_zoo_model_loads_without_network(offline_zoo, vit_t_state):
+def test_cached_zoo_model_loads_with_its_decoder_without_network(offline_zoo, vit_t_state, decoder_state):
     models_dir, downloads = offline_zoo
     models_dir.mkdir(parents=True)
     torch.save({"model_state": vit_t_state}, models_dir / ZOO_NAME)
+    torch.save(decoder_state, models_dir / f"{ZOO_NAME}_decoder")  # micro-sam's zoo keeps it in its own file
     loaded = load_model(ZOO_NAME)
     assert downloads == []
     assert loaded.model_type == "vit_t" and loaded.source == ZOO_NAME
     assert loaded.fingerprint == state_fingerprint(vit_t_state)
+    assert loaded.decoder_state.keys() == decoder_state.keys()
+
+
+def test_uncached_zoo_decoder_offline_is_named_and_the_model_still_loads(offline_zoo, vit_t_state):
+    models_dir, downloads = offline_zoo
+    models_dir.mkdir(parents=True)
+    torch.save({"model_state": vit_t_state}, models_dir / ZOO_NAME)
+    with pytest.warns(UserWarning, match=f"decoder of micro-sam model '{ZOO_NAME}'.*the file '{ZOO_NAME}_decoder'"):
+        loaded = load_model(ZOO_NAME)
+    assert downloads == [f"{ZOO_NAME}_decoder"]
+    assert loaded.model_type == "vit_t" and loaded.decoder_state is None
+
+
+def test_zoo_decoder_needing_unpickling_is_refused_without_running_its_code(offline_zoo, vit_t_state, tmp_path):
+    models_dir, _ = offline_zoo
+    models_dir.mkdir(parents=True)
+    torch.save({"model_state": vit_t_state}, models_dir / ZOO_NAME)
+    marker = tmp_path / "marker"
+    trapped = {"out_conv.weight": torch.zeros(1), "trap": _TouchOnUnpickle(marker)}
+    torch.save(trapped, models_dir / f"{ZOO_NAME}_decoder")
+    with pytest.raises(ModelError, match="refusing to unpickle .*_decoder"):
+        load_model(ZOO_NAME)
+    assert not marker.exists()
 
 
 def test_export_opens_in_micro_sam(save_folder, tmp_path):

@@ -1,14 +1,21 @@
 """SAM session (napari_raysam.session): cached embeddings, model changes, prompts -> masks, tiling."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
+from micro_sam.instance_segmentation import (
+    AutomaticMaskGenerator,
+    DecoderAdapter,
+    InstanceSegmentationWithDecoder,
+)
 from synthetic import synthetic_cells
 
 from backend.models import build_sam, save_model_folder
 from napari_raysam import session as session_module
 from napari_raysam.image_source import sam_rgb
-from napari_raysam.session import SamSession, SessionError
+from napari_raysam.session import AIS, AMG, SamSession, SessionError
 
 MODEL = "random:tiny"
 
@@ -31,6 +38,19 @@ def _count_encoder_calls(session: SamSession) -> list:
         return forward(x)
 
     encoder.forward = counting_forward
+    return calls
+
+
+def _record_calls(monkeypatch, cls, name) -> list:
+    """Record each call of ``cls.name`` (still running it); returns the (growing) list of calls."""
+    calls = []
+    method = getattr(cls, name)
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs)
+        return method(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, name, recording)
     return calls
 
 
@@ -196,13 +216,49 @@ def test_segment_needs_an_image():
 # --- automatic segmentation and tiling ----------------------------------------------------------
 
 
-def test_automatic_segmentation_gives_uint32_instance_labels(session):
+def test_automatic_segmentation_gives_uint32_instance_labels(session, monkeypatch):
+    decoder_runs = _record_calls(monkeypatch, InstanceSegmentationWithDecoder, "generate")
     progress = []
+    assert session.automatic_mode == AMG  # the model has no instance segmentation decoder
     labels = session.automatic_segmentation(
         progress=lambda done, total: progress.append((done, total)), points_per_side=4
     )
     assert labels.shape == (128, 128) and labels.dtype == np.uint32
     assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1]
+    assert decoder_runs == []
+
+
+def test_point_grid_segmentation_pauses_garbage_collection_and_restores_it(session, monkeypatch):
+    """Collections of micro-sam's mask lists froze napari's event loop; they wait until the end."""
+    collector_on = []
+    generate = AutomaticMaskGenerator.generate
+    monkeypatch.setattr(
+        AutomaticMaskGenerator, "generate",
+        lambda self, **kwargs: collector_on.append(gc.isenabled()) or generate(self, **kwargs),
+    )
+    assert gc.isenabled()
+    session.automatic_segmentation(points_per_side=4)
+    assert collector_on == [False] and gc.isenabled()
+
+
+def test_a_model_with_a_decoder_segments_with_it(rgb, decoder_model, tmp_path, monkeypatch):
+    grid_runs = _record_calls(monkeypatch, AutomaticMaskGenerator, "generate")
+    decoder_runs = _record_calls(monkeypatch, InstanceSegmentationWithDecoder, "generate")
+    session = SamSession(tmp_path)
+    assert session.automatic_mode is None
+    session.set_model(decoder_model)
+    assert session.automatic_mode == AIS
+    session.set_image(rgb)
+    progress = []
+    labels = session.automatic_segmentation(
+        progress=lambda done, total: progress.append((done, total)), min_object_size=5
+    )
+    assert labels.shape == (128, 128) and labels.dtype == np.uint32
+    assert progress[0][0] == 0 and progress[-1][0] == progress[-1][1]
+    assert len(decoder_runs) == 1 and decoder_runs[0]["min_size"] == 5 and grid_runs == []
+
+    session.set_model(MODEL)  # back to a model without decoder: the point grid again
+    assert session.automatic_mode == AMG
 
 
 def test_large_images_are_embedded_and_segmented_tile_by_tile(tmp_path, monkeypatch):
@@ -230,3 +286,31 @@ def test_large_images_are_embedded_and_segmented_tile_by_tile(tmp_path, monkeypa
 
     session.set_image(rgb)  # tiled embeddings are cached too
     assert len(calls) == 4
+
+
+def test_large_images_are_segmented_with_the_decoder_tile_by_tile(decoder_model, tmp_path, monkeypatch):
+    monkeypatch.setattr(session_module, "TILING_THRESHOLD", 100)
+    monkeypatch.setattr(session_module, "TILE_SHAPE", (160, 160))
+    monkeypatch.setattr(session_module, "HALO", (32, 32))
+
+    # A stand-in for the decoder network (slow on a CPU at SAM's 1024 x 1024): foreground with
+    # center and boundary distances that seed one object per 64 x 64 block of the 1024 input.
+    def blocky_maps(embeddings):
+        batch = embeddings.shape[0]
+        yy, xx = torch.meshgrid(torch.arange(256), torch.arange(256), indexing="ij")
+        distance = torch.maximum((yy % 16 - 7.5).abs(), (xx % 16 - 7.5).abs()) / 8
+        maps = torch.stack([torch.ones(256, 256), distance, distance])
+        return maps.expand(batch, 3, 256, 256)
+
+    monkeypatch.setattr(DecoderAdapter, "_forward_impl", lambda self, embeddings: blocky_maps(embeddings))
+    decoder_runs = _record_calls(monkeypatch, InstanceSegmentationWithDecoder, "generate")
+    image, _ = synthetic_cells(np.random.default_rng(1), shape=(300, 300), n_cells=20)
+    session = SamSession(tmp_path)
+    session.set_model(decoder_model)
+    progress = []
+    session.set_image(sam_rgb(image, (0, 1, 2)))
+    labels = session.automatic_segmentation(progress=lambda done, total: progress.append((done, total)))
+    assert session.tiled and labels.shape == (300, 300) and labels.dtype == np.uint32
+    assert progress[-1] == (4, 4)  # the decoder ran per tile
+    assert decoder_runs[0]["tile_shape"] == (160, 160) and decoder_runs[0]["halo"] == (32, 32)
+    assert labels.max() > 1  # the seeds became separate objects

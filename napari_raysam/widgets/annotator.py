@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import napari
-from napari.layers import Image, Labels, Points, Shapes
+from napari.layers import Image
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
@@ -40,7 +40,7 @@ from backend.models import ModelError
 from napari_raysam.annotations import AnnotationStore, CommitError, CommitHistory
 from napari_raysam.image_source import ImageChannels, ImageError, check_plane, content_key, sam_rgb
 from napari_raysam.model_sources import model_choices, resolve_model_source
-from napari_raysam.session import SamSession, SessionError
+from napari_raysam.session import AIS, SamSession, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,6 @@ BOXES_LAYER = "SAM box prompts"
 CURRENT_LAYER = "SAM current object"
 COMMITTED_LAYER = "SAM committed objects"
 AUTOMATIC_LAYER = "SAM automatic segmentation"
-_OWN_LAYERS = (POINTS_LAYER, BOXES_LAYER, CURRENT_LAYER, COMMITTED_LAYER, AUTOMATIC_LAYER)
 
 POSITIVE, NEGATIVE = "positive", "negative"
 _PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
@@ -102,6 +101,7 @@ class AnnotatorWidget(QWidget):
         self._plane_key: str | None = None
         self._image_layer: Image | None = None  # the layer whose pixels and transform the annotation follows
         self._worker = None
+        self._has_automatic = False  # the automatic segmentation layer holds a result not yet committed
         self._after_worker: Callable[[], None] | None = None  # what a finished worker's result asked for next
         self._progress = _Progress()
         self._progress.changed.connect(self._show_progress)
@@ -110,10 +110,11 @@ class AnnotatorWidget(QWidget):
 
         self._build_ui()
         self._bind_keys()
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_image_choices)
+        self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
+        self.viewer.layers.events.removed.connect(self._refresh_image_choices)
         self.viewer.dims.events.current_step.connect(self._on_slice_change)
         self._refresh_image_choices()
+        self._prepare_layers()
         self._update_buttons()
 
     # ------------------------------------------------------------------ UI
@@ -123,7 +124,7 @@ class AnnotatorWidget(QWidget):
         image_box = QGroupBox("Image")
         image_form = QFormLayout(image_box)
         self.image_combo = _combo("The image layer to annotate")
-        self.image_combo.currentIndexChanged.connect(lambda _index: self._on_image_choice())
+        self.image_combo.currentIndexChanged.connect(lambda _index: (self._on_image_choice(), self._prepare_layers()))
         image_form.addRow("Layer", self.image_combo)
         self.layout_combo = _combo("Whether the layer's first axis holds channels or slices")
         self.layout_combo.addItems(["slices (annotate one by one)", "channels"])
@@ -237,7 +238,7 @@ class AnnotatorWidget(QWidget):
         self.embed_button.setEnabled(not busy and self.image_combo.count() > 0)
         for button in (self.segment_button, self.commit_button, self.automatic_button):
             button.setEnabled(ready)
-        self.commit_automatic_button.setEnabled(not busy and self._layer(AUTOMATIC_LAYER) is not None)
+        self.commit_automatic_button.setEnabled(not busy and self._has_automatic)
         self.undo_button.setEnabled(not busy and self.history.can_undo)
         self.export_button.setEnabled(not busy and self._plane_key is not None)
 
@@ -245,6 +246,11 @@ class AnnotatorWidget(QWidget):
         self.status.setText(text)
 
     # ------------------------------------------------------------------ image choice
+    def _on_layer_inserted(self, event) -> None:
+        self._refresh_image_choices()
+        if isinstance(event.value, Image):
+            self._prepare_layers()
+
     def _refresh_image_choices(self, event=None) -> None:
         if self._image_layer is not None and self._image_layer not in self.viewer.layers:
             self._forget_image()
@@ -299,15 +305,32 @@ class AnnotatorWidget(QWidget):
         self.layout_combo.blockSignals(False)
         self._refresh_channels()
 
-    def _refresh_channels(self) -> None:
+    def _prepare_layers(self) -> None:
+        """Create our layers for the chosen image before any click needs them.
+
+        Called when an image is added or chosen, while napari is busy with it anyway: creating a
+        layer blocks the event loop for 70-300 ms (bench/annotator.py), which would otherwise
+        happen when "Compute embeddings" is clicked.
+        """
+        if self._channels is not None:  # an image is being annotated: its layers exist
+            return
+        try:
+            channels = self._read_channels()
+        except ImageError:
+            return  # the channel choosers already say why
+        self._ensure_layers(self._chosen_layers()[0], np.zeros(channels.shape, np.uint32))
+
+    def _refresh_channels(self) -> ImageChannels | None:
+        """List the chosen image's channels in the SAM channel choosers; returns them (None: unusable)."""
         try:
             channels = self._read_channels()
         except ImageError as error:
             if self._chosen_layers():
                 self._say(str(error))
             self._fill_channel_combos([], ())
-            return
+            return None
         self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
+        return channels
 
     def _fill_channel_combos(self, names: list[str], default: tuple[int, ...]) -> None:
         for position, combo in enumerate(self.channel_combos):
@@ -365,7 +388,10 @@ class AnnotatorWidget(QWidget):
 
     def _model_loaded(self, kept: bool, had_image: bool) -> None:
         model = self.session.model
-        self.model_label.setText(f"{model.model_type} from {model.source}")
+        uses_decoder = self.session.automatic_mode == AIS
+        method = "its instance decoder" if uses_decoder else "a point grid"
+        self.model_label.setText(f"{model.model_type} from {model.source}; automatic segmentation: {method}")
+        self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
         if kept and had_image:
             self._say("model loaded; its image encoder is unchanged, so the embeddings were kept")
         elif had_image:
@@ -413,9 +439,6 @@ class AnnotatorWidget(QWidget):
         committed = saved if saved is not None else np.zeros((height, width), np.uint32)
         self._ensure_layers(layer, committed)
         self.clear_prompts()
-        automatic = self._layer(AUTOMATIC_LAYER)
-        if automatic is not None:
-            self.viewer.layers.remove(automatic)
         if saved is not None:
             self._say(f"restored {len(np.unique(saved)) - 1} autosaved objects")
 
@@ -449,35 +472,51 @@ class AnnotatorWidget(QWidget):
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
     def _ensure_layers(self, image: Image, committed: np.ndarray) -> None:
-        """Create (or reset) the prompt and result layers, aligned with the image's last two axes."""
+        """Show ``committed`` and empty prompt and result layers, aligned with the image's last two axes.
+
+        Each layer is created once (again only if the user deleted it) and then reused: creating a
+        napari layer blocks the event loop for 70-300 ms (bench/annotator.py); replacing data costs
+        less, so only what changed is replaced.
+        """
         placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
         height, width = committed.shape
-        for name in _OWN_LAYERS:  # a leftover of another size (a previous image) is replaced
-            layer = self._layer(name)
-            if layer is not None and name != POINTS_LAYER and name != BOXES_LAYER and layer.data.shape != (height, width):
-                self.viewer.layers.remove(layer)
-        if self._layer(COMMITTED_LAYER) is None:
-            layer = self.viewer.add_labels(committed, name=COMMITTED_LAYER, **placement)
-            layer.events.paint.connect(lambda event: self._autosave_timer.start())
-            self._bind_keys(layer)
-        else:
-            self._layer(COMMITTED_LAYER).data = committed
-        if self._layer(CURRENT_LAYER) is None:
-            self._bind_keys(self.viewer.add_labels(
+        point_size = max(8, max(height, width) // 60)
+        create = {
+            COMMITTED_LAYER: lambda: self.viewer.add_labels(committed, name=COMMITTED_LAYER, **placement),
+            AUTOMATIC_LAYER: lambda: self.viewer.add_labels(
+                np.zeros((height, width), np.uint32), name=AUTOMATIC_LAYER, opacity=0.5, **placement
+            ),
+            CURRENT_LAYER: lambda: self.viewer.add_labels(
                 np.zeros((height, width), np.uint8), name=CURRENT_LAYER, opacity=0.6, **placement
-            ))
-        else:
-            self._layer(CURRENT_LAYER).data = np.zeros((height, width), np.uint8)
-        if self._layer(BOXES_LAYER) is None:
-            self._bind_keys(self.viewer.add_shapes(
+            ),
+            BOXES_LAYER: lambda: self.viewer.add_shapes(
                 name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placement,
-            ))
-        if self._layer(POINTS_LAYER) is None:
-            self._bind_keys(self.viewer.add_points(
-                name=POINTS_LAYER, ndim=2, size=max(8, max(height, width) // 60), face_color="transparent", border_width=0.3,
+            ),
+            POINTS_LAYER: lambda: self.viewer.add_points(
+                name=POINTS_LAYER, ndim=2, size=point_size, face_color="transparent", border_width=0.3,
                 features={"prompt": np.array([], dtype=object)}, property_choices={"prompt": [POSITIVE, NEGATIVE]},
                 border_color="prompt", border_color_cycle=_PROMPT_COLORS, **placement,
-            ))
+            ),
+        }
+        for name, make in create.items():
+            layer = self._layer(name)
+            if layer is None:
+                layer = make()
+                self._bind_keys(layer)
+                if name == COMMITTED_LAYER:
+                    layer.events.paint.connect(lambda event: self._autosave_timer.start())
+                continue
+            if tuple(layer.scale) != tuple(placement["scale"]) or tuple(layer.translate) != tuple(placement["translate"]):
+                layer.scale, layer.translate = placement["scale"], placement["translate"]
+            if name == COMMITTED_LAYER and (layer.data.shape != committed.shape or layer.data.any() or committed.any()):
+                layer.data = committed
+            elif name == CURRENT_LAYER and layer.data.shape != (height, width):
+                layer.data = np.zeros((height, width), np.uint8)
+            elif name == AUTOMATIC_LAYER and (self._has_automatic or layer.data.shape != (height, width)):
+                layer.data = np.zeros((height, width), np.uint32)
+            elif name == POINTS_LAYER:
+                layer.current_size = point_size
+        self._has_automatic = False
         self._set_prompt_mode(self._prompt_mode)
 
     # ------------------------------------------------------------------ prompts
@@ -566,26 +605,23 @@ class AnnotatorWidget(QWidget):
             self._say("compute the embeddings first")
             return
         points_per_side = self.grid_spin.value()
-        self._start(
-            "automatic segmentation…",
-            lambda progress: self.session.automatic_segmentation(progress, points_per_side=points_per_side),
-            self._automatic_ready,
-        )
 
-    def _automatic_ready(self, labels: np.ndarray) -> None:
-        image = self._image_layer
-        layer = self._layer(AUTOMATIC_LAYER)
-        if layer is None:
-            self.viewer.add_labels(labels, name=AUTOMATIC_LAYER, opacity=0.5, scale=image.scale[-2:], translate=image.translate[-2:])
-        else:
-            layer.data = labels
-        count = len(np.unique(labels)) - 1
+        def segment_all(progress) -> tuple[np.ndarray, int]:
+            labels = self.session.automatic_segmentation(progress, points_per_side=points_per_side)
+            return labels, len(np.unique(labels)) - 1  # counted here: np.unique of a large image takes seconds
+
+        self._start("automatic segmentation…", segment_all, self._automatic_ready)
+
+    def _automatic_ready(self, result: tuple[np.ndarray, int]) -> None:
+        labels, count = result
+        self._layer(AUTOMATIC_LAYER).data = labels
+        self._has_automatic = True
         self._say(f"automatic segmentation: {count} objects. Commit all keeps them (one undo step)")
 
     def commit_automatic(self) -> None:
         """Commit every object of the automatic segmentation, as one undo step."""
         automatic, committed = self._layer(AUTOMATIC_LAYER), self._layer(COMMITTED_LAYER)
-        if automatic is None or committed is None:
+        if not self._has_automatic:
             self._say("run Automatic segmentation first")
             return
         try:
@@ -594,7 +630,8 @@ class AnnotatorWidget(QWidget):
             self._say(str(error))
             return
         committed.refresh()
-        self.viewer.layers.remove(automatic)
+        automatic.data = np.zeros_like(automatic.data)
+        self._has_automatic = False
         self._autosave()
         self._say(f"committed {len(ids)} objects from the automatic segmentation")
         self._update_buttons()
