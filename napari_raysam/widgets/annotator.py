@@ -220,9 +220,9 @@ class AnnotatorWidget(QWidget):
     def _bind_keys(self, target=None) -> None:
         """Bind the shortcuts on the viewer, or on one of our layers (``target``).
 
-        Layer bindings win over the viewer's while that layer is active, and napari's Points,
-        Shapes and Labels layers use S, C and T themselves; so our own layers get the shortcuts
-        too, overriding their defaults there (the layer controls still offer those modes).
+        Layer bindings win over the viewer's while that layer is active, and napari's own layer
+        shortcuts use S (Points, Shapes) and T (Shapes); so our own layers get the shortcuts too,
+        overriding those defaults there (the layer controls still offer the same modes).
         """
         actions = {
             "segment": self.segment, "commit": self.commit, "toggle": self.toggle_prompt_mode,
@@ -320,17 +320,16 @@ class AnnotatorWidget(QWidget):
             return  # the channel choosers already say why
         self._ensure_layers(self._chosen_layers()[0], np.zeros(channels.shape, np.uint32))
 
-    def _refresh_channels(self) -> ImageChannels | None:
-        """List the chosen image's channels in the SAM channel choosers; returns them (None: unusable)."""
+    def _refresh_channels(self) -> None:
+        """List the chosen image's channels in the SAM channel choosers (none if it is unusable)."""
         try:
             channels = self._read_channels()
         except ImageError as error:
             if self._chosen_layers():
                 self._say(str(error))
             self._fill_channel_combos([], ())
-            return None
+            return
         self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
-        return channels
 
     def _fill_channel_combos(self, names: list[str], default: tuple[int, ...]) -> None:
         for position, combo in enumerate(self.channel_combos):
