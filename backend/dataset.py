@@ -10,12 +10,16 @@ Layout on disk::
       samples/<id>/embedding     optional (256, 64, 64) float16, attrs: model_fingerprint,
                                  input_size, original_size
 
-Writes are atomic. zarr v3 groups do not list their children (each node is a folder with
-its own ``zarr.json``), so a sample appears exactly when its complete folder is renamed
-into ``samples/``. New samples are built under ``<name>.zarr/.staging-<random>/`` (same
-filesystem, outside ``samples/``) and renamed in only once all of them are written; a new
-dataset is built in a hidden sibling folder and renamed into place. Readers list only
-``samples/<digits>``, so leftovers of a killed writer are never seen.
+      manifest.json              {"samples": [ids]}: the samples that are part of the dataset
+
+Writes are atomic as a group. New samples are built under ``<name>.zarr/.staging-<random>/``
+(same filesystem, outside ``samples/``), renamed into ``samples/`` under new ids, and become
+part of the dataset in one step: ``manifest.json`` is replaced by a file listing them (and no
+longer listing the samples they replace). A killed writer leaves folders that no manifest
+lists; readers never see them and the next writer removes them. Writers take a lock file
+(``.lock``) so that two exports into one dataset cannot lose each other's samples. A new
+dataset is built in a hidden sibling folder and renamed into place. Datasets written before
+the manifest existed are read by listing ``samples/<digits>``.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import zarr
+from filelock import FileLock
+
+from backend.atomic import write_text
 
 DATASET_FORMAT = "napari-raysam/dataset"
 DATASET_VERSION = 1
@@ -44,11 +51,30 @@ _PERCENTILES = (1.0, 99.8)  # lower/upper intensity percentiles, as micro-sam's 
 _SAMPLE_ID_DIGITS = 6
 _STAGING_PREFIX = ".staging-"
 _MAX_CROP_TRIES = 10
+_MANIFEST = "manifest.json"
+_LOCK = ".lock"
 _EXPORT_HINT = "create one with `napari-raysam export IMAGE... --labels LABEL... -o {path}`"
 
 
 class DatasetError(ValueError):
     """A problem with a dataset or its inputs, described in plain words with the fix."""
+
+
+@dataclass(frozen=True)
+class SampleEmbedding:
+    """A sample's image embedding, computed by the model with ``model_fingerprint``.
+
+    Attributes:
+        values: ``(256, 64, 64)`` image-encoder output (any float dtype; stored float16).
+        model_fingerprint: the encoder that computed it (``LoadedModel.encoder_fingerprint``).
+        input_size: ``(h, w)`` of the resized image inside SAM's 1024 input.
+        original_size: ``(H, W)`` of the sample image.
+    """
+
+    values: np.ndarray
+    model_fingerprint: str
+    input_size: tuple[int, int]
+    original_size: tuple[int, int]
 
 
 @dataclass(frozen=True)
@@ -62,12 +88,15 @@ class SampleInput:
             ``uint32``.
         split: ``"train"`` or ``"val"``.
         source: where the sample came from (file path, napari layer name), for messages.
+        embedding: optional embedding stored with the sample (contract 1), e.g. the one the
+            annotator computed, so that decoder-mode training computes none.
     """
 
     image: np.ndarray
     labels: np.ndarray
     split: str = "train"
     source: str = ""
+    embedding: SampleEmbedding | None = None
 
     def __post_init__(self) -> None:
         where = f" ({self.source})" if self.source else ""
@@ -112,6 +141,8 @@ class SampleInput:
             )
         if self.split not in SPLITS:
             raise DatasetError(f"split{where} must be 'train' or 'val'; got {self.split!r}")
+        if self.embedding is not None:
+            _check_embedding(self.embedding, (height, width), where)
         object.__setattr__(self, "image", image)
         object.__setattr__(self, "labels", labels.astype(np.uint32, copy=False))
 
@@ -135,9 +166,12 @@ def write_samples(
     *,
     channel_names: Sequence[str] | None = None,
     sam_channels: Sequence[int] | None = None,
+    replace_same_image: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Create a dataset at ``path`` from ``samples``, or append them to the one there.
+
+    All of ``samples`` become part of the dataset together, or none of them does.
 
     Args:
         path: the ``.zarr`` folder. Missing parent folders are created.
@@ -146,6 +180,9 @@ def write_samples(
             ``None`` or the dataset's own names.
         sam_channels: 1 or 3 channel indices fed to SAM's RGB input; default ``[0, 1, 2]``
             with 3 or more channels, else ``[0]``. When appending, ``None`` or the dataset's.
+        replace_same_image: a stored sample whose image has the same content (``image_sha256``)
+            as one of ``samples`` is replaced by it, in the same step: an image is never in
+            the dataset twice, nor in both splits.
         progress: called as ``progress(done, total)`` after each sample is written.
 
     Returns:
@@ -165,12 +202,22 @@ def write_samples(
         _check_same("channel_names", channel_names, stored_names, path)
         _check_same("sam_channels", sam_channels, stored_sam, path)
         _check_layout(stored_names, stored_sam, n_channels, f"appending to {path}")
-        staging = path / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
-        try:
-            staged = _stage_samples(staging, samples, n_channels, progress)
-            return _commit_samples(path / "samples", staged)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        with FileLock(path / _LOCK):
+            live = _live_sample_ids(path)
+            _remove_unlisted(path, live)
+            if not (path / _MANIFEST).exists():  # written before manifests: list what is there first
+                _write_manifest(path, live)
+            replaced = _same_image_ids(path, live, samples, n_channels) if replace_same_image else []
+            staging = path / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
+            try:
+                staged = _stage_samples(staging, samples, n_channels, progress)
+                new_ids = _commit_samples(path / "samples", staged)  # not part of the dataset yet ...
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+            _write_manifest(path, [i for i in live if i not in replaced] + new_ids)  # ... now they are
+            for sample_id in replaced:
+                shutil.rmtree(path / "samples" / sample_id, ignore_errors=True)
+        return new_ids
 
     names = [f"channel_{i}" for i in range(n_channels)] if channel_names is None else [
         str(name) for name in channel_names
@@ -194,6 +241,7 @@ def write_samples(
         root.create_group("samples")
         staged = _stage_samples(building / ".staging", samples, n_channels, progress)
         sample_ids = _commit_samples(building / "samples", staged)
+        _write_manifest(building, sample_ids)
         (building / ".staging").rmdir()
         try:
             os.rename(building, path)
@@ -230,33 +278,14 @@ def write_embedding(
     path = Path(path)
     dataset = open_dataset(path)
     _, height, width = dataset.image_shape(sample_id)
-    embedding = np.asarray(embedding)
-    if embedding.shape != EMBEDDING_SHAPE:
-        raise DatasetError(
-            f"embedding for sample {sample_id} has shape {embedding.shape}; SAM's image "
-            f"encoder gives {EMBEDDING_SHAPE} (drop the batch axis: embedding[0])"
-        )
-    if not np.isfinite(embedding).all():
-        raise DatasetError(f"embedding for sample {sample_id} has NaN or infinite values")
-    if tuple(original_size) != (height, width):
-        raise DatasetError(
-            f"original_size {tuple(original_size)} does not match sample {sample_id}, which is "
-            f"{height}x{width}: compute the embedding on that sample's image"
-        )
+    sample_embedding = SampleEmbedding(
+        np.asarray(embedding), model_fingerprint, tuple(input_size), tuple(original_size)
+    )
+    _check_embedding(sample_embedding, (height, width), f" (sample {sample_id})")
     staging = path / f"{_STAGING_PREFIX}{uuid.uuid4().hex}"
     target = path / "samples" / sample_id / "embedding"
     try:
-        _write_array(
-            zarr.create_group(store=str(staging)),
-            "embedding",
-            embedding.astype(np.float16),
-            chunks=EMBEDDING_SHAPE,
-            attributes={
-                "model_fingerprint": model_fingerprint,
-                "input_size": [int(s) for s in input_size],
-                "original_size": [int(s) for s in original_size],
-            },
-        )
+        _write_embedding(zarr.create_group(store=str(staging)), sample_embedding)
         if target.exists():
             # An absent embedding is harmless (it is a cache); a mixed one is not.
             os.rename(target, staging / "replaced")
@@ -278,7 +307,7 @@ def open_dataset(path: str | Path) -> Dataset:
     channel_names, sam_channels = _read_root(path)
     samples = {
         sample_id: _read_sample_meta(path, sample_id, len(channel_names))
-        for sample_id in _stored_sample_ids(path / "samples")
+        for sample_id in _live_sample_ids(path)
     }
     if not samples:
         raise DatasetError(
@@ -361,6 +390,14 @@ class Dataset:
     def source(self, sample_id: str) -> str:
         """Where the sample came from (file path or napari layer name), possibly empty."""
         return self._meta(sample_id).source
+
+    def image_sha256(self, sample_id: str) -> str:
+        """``content_sha256`` of the stored ``(C, H, W)`` image."""
+        return self._meta(sample_id).image_sha256
+
+    def labels_sha256(self, sample_id: str) -> str:
+        """``content_sha256`` of the stored ``(H, W)`` uint32 labels."""
+        return self._meta(sample_id).labels_sha256
 
     def embedding(
         self, sample_id: str, model_fingerprint: str
@@ -650,6 +687,39 @@ def _write_sample(location: Path, sample: SampleInput) -> None:
     )
     _write_array(group, "image", sample.image, _chunks(sample.image.shape))
     _write_array(group, "labels", sample.labels, _chunks(sample.labels.shape))
+    if sample.embedding is not None:
+        _write_embedding(group, sample.embedding)
+
+
+def _write_embedding(group: zarr.Group, embedding: SampleEmbedding) -> None:
+    """Write ``embedding`` as the ``embedding`` array of ``group`` (float16, one chunk)."""
+    _write_array(
+        group,
+        "embedding",
+        np.asarray(embedding.values).astype(np.float16),
+        chunks=EMBEDDING_SHAPE,
+        attributes={
+            "model_fingerprint": embedding.model_fingerprint,
+            "input_size": [int(s) for s in embedding.input_size],
+            "original_size": [int(s) for s in embedding.original_size],
+        },
+    )
+
+
+def _check_embedding(embedding: SampleEmbedding, image_size: tuple[int, int], where: str) -> None:
+    values = np.asarray(embedding.values)
+    if values.shape != EMBEDDING_SHAPE:
+        raise DatasetError(
+            f"embedding{where} has shape {values.shape}; SAM's image encoder gives "
+            f"{EMBEDDING_SHAPE} (drop the batch axis: embedding[0])"
+        )
+    if not np.isfinite(values).all():
+        raise DatasetError(f"embedding{where} has NaN or infinite values")
+    if tuple(embedding.original_size) != tuple(image_size):
+        raise DatasetError(
+            f"embedding{where}: original_size {tuple(embedding.original_size)} does not match the "
+            f"image, which is {image_size[0]}x{image_size[1]}: compute the embedding on that image"
+        )
 
 
 def _stage_samples(
@@ -697,10 +767,44 @@ def _commit_samples(samples_dir: Path, staged: Sequence[Path]) -> list[str]:
 
 
 def _stored_sample_ids(samples_dir: Path) -> list[str]:
-    """Committed sample ids (all-digit folder names), in increasing order."""
+    """Sample folders (all-digit names) in ``samples_dir``, listed or not, in increasing order."""
     with os.scandir(samples_dir) as entries:
         names = [e.name for e in entries if e.name.isdigit() and e.is_dir()]
     return sorted(names, key=int)
+
+
+def _live_sample_ids(path: Path) -> list[str]:
+    """The samples that are part of the dataset at ``path``: its manifest, else every sample folder."""
+    manifest = path / _MANIFEST
+    if not manifest.exists():
+        return _stored_sample_ids(path / "samples")
+    try:
+        listed = [str(sample_id) for sample_id in json.loads(manifest.read_text())["samples"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise DatasetError(f"{manifest} is damaged ({error}): export the dataset again") from error
+    # a deleted sample folder drops that sample (what the damaged-sample message advises)
+    return [sample_id for sample_id in listed if (path / "samples" / sample_id).is_dir()]
+
+
+def _write_manifest(path: Path, sample_ids: Sequence[str]) -> None:
+    """Make exactly ``sample_ids`` the dataset's samples, in one atomic rename."""
+    write_text(path / _MANIFEST, json.dumps({"samples": sorted(sample_ids, key=int)}))
+
+
+def _remove_unlisted(path: Path, live: Sequence[str]) -> None:
+    """Remove what a killed writer left: sample folders no manifest lists (call under the lock)."""
+    if not (path / _MANIFEST).exists():
+        return
+    for sample_id in set(_stored_sample_ids(path / "samples")) - set(live):
+        shutil.rmtree(path / "samples" / sample_id, ignore_errors=True)
+
+
+def _same_image_ids(
+    path: Path, live: Sequence[str], samples: Sequence[SampleInput], n_channels: int
+) -> list[str]:
+    """The stored samples whose image content equals that of one of ``samples``."""
+    new = {content_sha256(sample.image) for sample in samples}
+    return [sid for sid in live if _read_sample_meta(path, sid, n_channels).image_sha256 in new]
 
 
 def _read_root(path: Path) -> tuple[list[str], list[int]]:

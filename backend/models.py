@@ -17,7 +17,6 @@ checkpoint that needs arbitrary Python objects is refused before any of its code
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import difflib
 import hashlib
@@ -25,10 +24,8 @@ import json
 import os
 import pickle
 import re
-import shutil
-import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
@@ -38,6 +35,8 @@ import safetensors.torch
 import torch
 from micro_sam.models.peft_sam import AdaptFormer, AttentionLoRA, FacTSurgery, MLPLoRA, ScaleShiftLayer
 from segment_anything import sam_model_registry
+
+from backend.atomic import staging_file, staging_folder
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 MODEL_TYPES: tuple[str, ...] = ("vit_t", "vit_b", "vit_l", "vit_h", "tiny")
@@ -597,7 +596,7 @@ def export_micro_sam_checkpoint(model_folder: str | os.PathLike[str], output: st
             "export a vit_t, vit_b, vit_l or vit_h model instead."
         )
     output = Path(output)
-    with _staging_file(output) as staging:
+    with staging_file(output) as staging:
         torch.save({"model_state": state}, staging)
     return output
 
@@ -608,41 +607,3 @@ def _file_sha256(path: Path) -> str:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _staging_file(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        yield staging
-        os.replace(staging, path)
-    finally:
-        staging.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def staging_folder(folder: Path) -> Iterator[Path]:
-    """Yield an empty folder next to ``folder``; on success it replaces ``folder``.
-
-    POSIX cannot rename over a non-empty folder, so an existing ``folder`` is first renamed aside
-    and deleted only once the new one is in place (and put back if that fails).
-    """
-    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
-    staging.mkdir(parents=True)  # not tempfile.mkdtemp: its 0o700 mode would hide the model from other users
-    try:
-        yield staging
-        if folder.exists():
-            retired = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
-            os.rename(folder, retired)
-            try:
-                os.rename(staging, folder)
-            except BaseException:
-                os.rename(retired, folder)
-                raise
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, folder)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

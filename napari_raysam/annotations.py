@@ -8,8 +8,6 @@ the raw image slice, not SAM's input, so they come back whichever channels feed 
 from __future__ import annotations
 
 import json
-import os
-import uuid
 import warnings
 from collections import deque
 from dataclasses import dataclass
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from backend.atomic import write_file
 from napari_raysam.cluster import state_dir
 
 LABELS_FILE = "labels.npy"
@@ -67,9 +66,9 @@ class AnnotationStore:
             "source": source,
             "saved": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        _write_atomically(path, lambda file: np.save(file, labels.astype(np.uint32, copy=False)))
+        write_file(path, lambda file: np.save(file, labels.astype(np.uint32, copy=False)), durable=True)
         meta_text = json.dumps(meta, indent=2).encode()
-        _write_atomically(path.parent / META_FILE, lambda file: file.write(meta_text))
+        write_file(path.parent / META_FILE, lambda file: file.write(meta_text), durable=True)
         return path
 
     def load(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
@@ -93,19 +92,6 @@ class AnnotationStore:
             )
             return None
         return labels if labels.shape == tuple(shape) else None
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write ``path`` with ``write(binary_file)`` via a flushed temporary file renamed over it."""
-    temporary = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(temporary, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

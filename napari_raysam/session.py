@@ -43,7 +43,8 @@ from micro_sam.prompt_based_segmentation import (
 from micro_sam.util import precompute_image_embeddings
 from segment_anything import SamPredictor
 
-from backend.models import LoadedModel, build_instance_decoder, load_model, staging_folder
+from backend.atomic import staging_folder
+from backend.models import LoadedModel, build_instance_decoder, load_model
 from napari_raysam.annotations import default_cache_dir
 from napari_raysam.image_source import content_key
 

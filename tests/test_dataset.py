@@ -138,7 +138,7 @@ def test_append_rejects_a_different_layout(tmp_path, kwargs, samples_seed_channe
     with pytest.raises(DatasetError, match=message):
         write_samples(path, cell_samples(1, n_channels=samples_seed_channels), **kwargs)
     assert open_dataset(path).fingerprint() == fingerprint
-    assert root_entries(path) == ["samples", "zarr.json"]
+    assert root_entries(path) == ["manifest.json", "samples", "zarr.json"]
 
 
 def test_crash_while_appending_leaves_previous_dataset(tmp_path, monkeypatch):
@@ -153,7 +153,7 @@ def test_crash_while_appending_leaves_previous_dataset(tmp_path, monkeypatch):
     dataset = open_dataset(path)
     assert dataset.sample_ids() == ["000000", "000001"]
     assert dataset.fingerprint() == fingerprint
-    assert root_entries(path) == ["samples", "zarr.json"]
+    assert [e for e in root_entries(path) if e != ".lock"] == ["manifest.json", "samples", "zarr.json"]
     monkeypatch.undo()
     assert write_samples(path, cell_samples(1, seed=9)) == ["000002"]
 
@@ -364,7 +364,7 @@ def test_embedding_round_trip_and_fingerprint_match(tmp_path):
                      "original_size": (96, 96)}
     assert dataset.embedding("000000", "model-b") is None
     assert open_dataset(path).fingerprint() == fingerprint
-    assert root_entries(path) == ["samples", "zarr.json"]
+    assert root_entries(path) == ["manifest.json", "samples", "zarr.json"]
     with pytest.raises(DatasetError, match="batch axis"):
         write_embedding(path, "000000", embedding[None], model_fingerprint="m",
                         input_size=(1024, 1024), original_size=(96, 96))
@@ -566,7 +566,7 @@ def test_export_bad_pair_leaves_dataset_untouched(tmp_path):
 
     assert open_dataset(path).fingerprint() == fingerprint
     assert sorted(p.name for p in tmp_path.glob("*.zarr")) == ["d.zarr"]
-    assert root_entries(path) == ["samples", "zarr.json"]
+    assert root_entries(path) == ["manifest.json", "samples", "zarr.json"]
 
 
 def test_export_rejects_unusable_files(tmp_path):
@@ -625,3 +625,64 @@ def test_export_real_hela_frames(tmp_path):
         assert dataset.n_objects(sample_id) > 10
     x, y = TrainingCrops(dataset, "train", patch_shape=(256, 256), min_objects=5)[0]
     assert count_objects(y) >= 5 and x.shape == (3, 256, 256)
+
+
+# --- replacing an image, group atomicity, the manifest --------------------------------------
+
+
+def test_replacing_an_image_never_duplicates_it_nor_leaves_it_in_both_splits(tmp_path):
+    path = tmp_path / "d.zarr"
+    first = cell_samples(2, "train", seed=1)
+    write_samples(path, first)
+    relabelled = SampleInput(first[1].image, first[1].labels[::-1].copy(), split="val", source="again")
+
+    write_samples(path, [relabelled], replace_same_image=True)
+
+    dataset = open_dataset(path)
+    assert len(dataset.sample_ids()) == 2
+    assert dataset.sample_ids("train") == ["000000"] and len(dataset.sample_ids("val")) == 1
+    (val_id,) = dataset.sample_ids("val")
+    np.testing.assert_array_equal(dataset.labels(val_id), relabelled.labels)
+    assert not (path / "samples" / "000001").exists()  # the replaced folder is gone, not leaked
+
+
+def test_a_group_becomes_visible_at_once_or_not_at_all(tmp_path, monkeypatch):
+    path = tmp_path / "d.zarr"
+    write_samples(path, cell_samples(1, seed=1))
+    fingerprint = open_dataset(path).fingerprint()
+    # killed after every new sample folder is in samples/ but before the manifest names them
+    real = dataset_module._write_manifest
+    monkeypatch.setattr(dataset_module, "_write_manifest", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError, match="killed"):
+        write_samples(path, cell_samples(3, seed=2))
+    assert len(list((path / "samples").glob("0*"))) == 4  # the folders are there ...
+    assert open_dataset(path).fingerprint() == fingerprint  # ... and invisible
+
+    monkeypatch.setattr(dataset_module, "_write_manifest", real)
+    write_samples(path, cell_samples(1, seed=3))
+    assert len(open_dataset(path).sample_ids()) == 2
+    assert len(list((path / "samples").glob("0*"))) == 2  # the next writer removed the leftovers
+
+
+def test_a_dataset_written_before_manifests_is_read_and_appended(tmp_path):
+    path = tmp_path / "d.zarr"
+    write_samples(path, cell_samples(2, seed=1))
+    (path / "manifest.json").unlink()
+    assert open_dataset(path).sample_ids() == ["000000", "000001"]
+    write_samples(path, cell_samples(1, seed=2))
+    assert open_dataset(path).sample_ids() == ["000000", "000001", "000002"]
+
+
+def test_an_embedding_travels_with_its_sample(tmp_path):
+    from backend.dataset import SampleEmbedding
+
+    image, labels = synthetic_cells(np.random.default_rng(0))
+    values = np.random.default_rng(1).normal(size=(256, 64, 64)).astype(np.float32)
+    embedding = SampleEmbedding(values, "encoder-a", (1024, 1024), labels.shape)
+    write_samples(tmp_path / "d.zarr", [SampleInput(image, labels, embedding=embedding)])
+
+    stored, attrs = open_dataset(tmp_path / "d.zarr").embedding("000000", "encoder-a")
+    np.testing.assert_allclose(stored, values, atol=2e-3)
+    assert attrs["input_size"] == (1024, 1024)
+    with pytest.raises(DatasetError, match="original_size"):
+        SampleInput(image, labels, embedding=SampleEmbedding(values, "e", (1024, 1024), (5, 5)))

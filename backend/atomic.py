@@ -1,0 +1,78 @@
+"""Atomic writes: a file or folder appears complete or not at all.
+
+Every writer of a run directory, a dataset, a model folder, the annotator's autosave and the
+client's settings goes through these, so a crash or a concurrent reader never sees half a file.
+Files get the usual ``0o644``-style mode of the umask (not ``tempfile``'s ``0o600``), so the
+group of a shared storage folder can read them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def staging_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        yield staging
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write_file(path: Path, write: Callable[[BinaryIO], object], *, durable: bool = False) -> None:
+    """Write ``path`` with ``write(binary_file)``, atomically.
+
+    ``durable`` also flushes the data to disk before the rename (``fsync``): for user work
+    (autosaved annotations) that must survive a power cut, not for progress files rewritten
+    every step.
+    """
+    with staging_file(path) as staging:
+        with open(staging, "wb") as file:
+            write(file)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+
+
+def write_text(path: Path, text: str, *, durable: bool = False) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    data = text.encode()
+    write_file(path, lambda file: file.write(data), durable=durable)
+
+
+@contextlib.contextmanager
+def staging_folder(folder: Path) -> Iterator[Path]:
+    """Yield an empty folder next to ``folder``; on success it replaces ``folder``.
+
+    POSIX cannot rename over a non-empty folder, so an existing ``folder`` is first renamed aside
+    and deleted only once the new one is in place (and put back if that fails).
+    """
+    folder = Path(folder)
+    staging = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.tmp"
+    staging.mkdir(parents=True)  # not tempfile.mkdtemp: its 0o700 mode would hide the model from other users
+    try:
+        yield staging
+        if folder.exists():
+            retired = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
+            os.rename(folder, retired)
+            try:
+                os.rename(staging, folder)
+            except BaseException:
+                os.rename(retired, folder)
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, folder)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
