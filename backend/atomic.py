@@ -16,6 +16,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)  # read once, at import: os.umask can only be read by setting it
+FILE_MODE = 0o666 & ~_UMASK
+"""The mode a plainly created file gets (0o644 under the usual umask 022)."""
+
 
 @contextlib.contextmanager
 def staging_file(path: Path) -> Iterator[Path]:
@@ -25,6 +30,7 @@ def staging_file(path: Path) -> Iterator[Path]:
     staging = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
     try:
         yield staging
+        os.chmod(staging, FILE_MODE)  # writers such as safetensors create files 0o600
         os.replace(staging, path)
     finally:
         staging.unlink(missing_ok=True)
@@ -63,6 +69,9 @@ def staging_folder(folder: Path) -> Iterator[Path]:
     staging.mkdir(parents=True)  # not tempfile.mkdtemp: its 0o700 mode would hide the model from other users
     try:
         yield staging
+        for file in staging.rglob("*"):
+            if file.is_file():
+                os.chmod(file, FILE_MODE)  # writers such as safetensors create files 0o600
         if folder.exists():
             retired = folder.parent / f".{folder.name}.{uuid.uuid4().hex}.old"
             os.rename(folder, retired)

@@ -2,8 +2,7 @@
 
     napari-raysam export IMAGE... --labels LABEL... -o data.zarr
     napari-raysam train --data data.zarr --storage runs/ [--address http://head:8265]
-    napari-raysam follow RUN_NAME --storage runs/ [--address ...]
-    napari-raysam stop RUN_NAME [--address ...]
+    napari-raysam runs list | follow RUN | stop RUN | fetch RUN -o DIR   [--address ...]
     napari-raysam evaluate --model runs/<run>/model --data data.zarr
     napari-raysam export-model runs/<run>/model -o model.pt
     napari-raysam cluster start|status|stop
@@ -15,15 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 from backend.config import MODES, ConfigError, TrainConfig
 from backend.dataset import DatasetError
 from backend.models import ModelError
-from napari_raysam import jobs
 from napari_raysam.cluster import Cluster, ClusterError, default_cpus_per_worker
+from napari_raysam.runs import RunClient, RunError, RunUpdate, fetch_model
 
-USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, jobs.JobFailed, PermissionError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, RunError, PermissionError, FileNotFoundError)
 
 
 def _int_list(text: str) -> list[int]:
@@ -82,16 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--objects-per-batch", type=int, default=25)
     train.add_argument("--run-name", default="", help="unique name of this run (default: time-model-mode)")
     train.add_argument("--no-ray", action="store_true", help="train in this process without Ray")
-    train.add_argument("--detach", action="store_true", help="submit and return; follow later with `follow`")
+    train.add_argument("--detach", action="store_true", help="submit and return; follow later with `runs follow`")
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run named by --run-name from its last epoch "
+        "(without it, a run name that is taken is refused)",
+    )
 
-    follow = commands.add_parser("follow", help="show a running job's progress until it ends")
-    follow.add_argument("run_name")
-    follow.add_argument("--storage", required=True)
-    _add_cluster_args(follow)
-
-    stop = commands.add_parser("stop", help="stop a training job")
-    stop.add_argument("run_name")
-    _add_cluster_args(stop)
+    runs = commands.add_parser("runs", help="training runs on the cluster: list, follow, stop, fetch")
+    run_commands = runs.add_subparsers(dest="runs_command", required=True)
+    _add_cluster_args(run_commands.add_parser("list", help="this project's runs on the cluster, newest first"))
+    for verb, text in (("follow", "show a run's progress until it ends"), ("stop", "stop a run")):
+        command = run_commands.add_parser(verb, help=text)
+        command.add_argument("run_name")
+        _add_cluster_args(command)
+    fetch = run_commands.add_parser("fetch", help="copy a finished run's model folder")
+    fetch.add_argument("run_name")
+    fetch.add_argument("-o", "--output", type=Path, required=True, help="folder to write the model folder to")
+    _add_cluster_args(fetch)
 
     evaluate = commands.add_parser("evaluate", help="score a model on a dataset split (JSON)")
     evaluate.add_argument("--model", required=True, help="zoo name, checkpoint path, model folder or random:<type>")
@@ -117,9 +124,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _update_printer():
-    """Job log to stderr, one line per finished epoch to stdout."""
-    return jobs.report_epochs(lambda line: print(line, flush=True), job_log=sys.stderr.write)
+def epoch_line(line: dict) -> str:
+    """One finished epoch of ``metrics.jsonl``, as the CLI and the demo print it."""
+    return (
+        f"epoch {line['epoch'] + 1}: train_loss {line['train_loss']:.4f}  val_loss {line['val_loss']:.4f}"
+        f"  val_iou {line['val_iou']:.3f}  {line['samples_per_s']:.2f} samples/s"
+    )
+
+
+def print_update(log=print, job_log=None):
+    """An ``on_update`` for ``RunClient.wait``: a line per finished epoch (and the job's own log to
+    ``job_log``, e.g. ``sys.stderr.write``)."""
+    printed = 0
+
+    def on_update(update: RunUpdate) -> None:
+        nonlocal printed
+        if job_log is not None and update.new_log:
+            job_log(update.new_log)
+        if update.message and not update.state.ended:
+            log(update.message)
+        for line in update.metrics[printed:]:
+            log(epoch_line(line))
+        printed = len(update.metrics)
+
+    return on_update
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -140,19 +168,24 @@ def _train(args: argparse.Namespace) -> int:
     )
     from backend.dataset import open_dataset
 
-    open_dataset(config.data).require_objects("train")  # fail here, not minutes later in the job
+    dataset = open_dataset(config.data)
+    dataset.require_objects("train")  # fail here, not minutes later in the job
     if args.no_ray:
         from backend.training import train
 
+        if (config.run_dir / "config.json").exists() and not args.resume:
+            raise RunError(
+                f"{config.run_dir} already holds a run: choose another --run-name, or add --resume to continue it"
+            )
         model = train(config, on_epoch=lambda record: print(json.dumps(record.to_dict()), flush=True))
         print(f"model: {model}")
         return 0
-    cluster = resolve_cluster(args.address, args.token, num_gpus=None)
-    job_id = jobs.submit_training(cluster, config)
-    print(f"submitted job {job_id}; run directory {config.run_dir}", flush=True)
+    client = RunClient(resolve_cluster(args.address, args.token, num_gpus=None))
+    run = client.submit(config, images=len(dataset.sample_ids()), resume=args.resume)
+    print(f"submitted run {run.name}; run directory {run.run_dir}", flush=True)
     if args.detach:
         return 0
-    model = jobs.follow(cluster, job_id, config.run_dir, on_update=_update_printer())
+    model = client.wait(run.name, on_update=print_update(job_log=sys.stderr.write))
     print(f"model: {model}")
     return 0
 
@@ -165,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted (a submitted job keeps running; stop it with `napari-raysam stop`)", file=sys.stderr)
+        print("interrupted (a submitted run keeps going; stop it with `napari-raysam runs stop RUN`)", file=sys.stderr)
         return 130
 
 
@@ -182,15 +215,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         return _train(args)
-    if args.command == "follow":
-        cluster = resolve_cluster(args.address, args.token)
-        model = jobs.follow(cluster, args.run_name, Path(args.storage).resolve() / args.run_name, _update_printer())
-        print(f"model: {model}")
-        return 0
-    if args.command == "stop":
-        stopped = jobs.stop(resolve_cluster(args.address, args.token), args.run_name)
-        print("stopped" if stopped else "the job was not running")
-        return 0
+    if args.command == "runs":
+        return _runs(args)
     if args.command == "evaluate":
         from backend.evaluation import evaluate
 
@@ -213,6 +239,25 @@ def _run(args: argparse.Namespace) -> int:
         )
         return 0
     raise AssertionError(args.command)
+
+
+def _runs(args: argparse.Namespace) -> int:
+    client = RunClient(resolve_cluster(args.address, args.token))
+    if args.runs_command == "list":
+        runs = client.runs()
+        if not runs:
+            print(f"no napari-raysam runs on {client.cluster.dashboard_url}")
+        for run in runs:
+            started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.start_time)) if run.start_time else "-"
+            images = f"{run.images} images" if run.images is not None else ""
+            print(f"{run.name}\t{run.state.value}\t{started}\t{run.mode}\t{run.base_model}\t{images}\t{run.run_dir}")
+    elif args.runs_command == "follow":
+        print(f"model: {client.wait(args.run_name, on_update=print_update(job_log=sys.stderr.write))}")
+    elif args.runs_command == "stop":
+        print("stopped" if client.stop(args.run_name) else f"run {args.run_name} had already ended")
+    else:
+        print(f"wrote {fetch_model(client.info(args.run_name).run_dir, args.output)}")
+    return 0
 
 
 def _cluster(action: str) -> int:

@@ -16,9 +16,10 @@ import psutil
 import pytest
 
 from backend.config import TrainConfig
+from backend.models import load_model
 from napari_raysam import cluster as clusters
-from napari_raysam import jobs
 from napari_raysam.cli import main
+from napari_raysam.runs import MetricsReader, RunClient, RunError, RunState, read_progress
 
 pytestmark = pytest.mark.ray
 
@@ -40,22 +41,32 @@ def ray_cluster(tmp_path_factory):
 
 def submit(cluster, cell_dataset, tmp_path, **overrides) -> TrainConfig:
     config = TrainConfig(data=str(cell_dataset), storage=str(tmp_path / "runs"), **{**SMALL, **overrides})
-    assert jobs.submit_training(cluster, config) == config.run_name
+    assert RunClient(cluster).submit(config).name == config.run_name
     return config
 
 
 def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
     config = submit(ray_cluster, cell_dataset, tmp_path, workers=2, epochs=2)
     updates = []
-    model = jobs.follow(ray_cluster, config.run_name, config.run_dir, on_update=updates.append, poll_s=0.5)
+    model = RunClient(ray_cluster).wait(config.run_name, on_update=updates.append, poll_s=0.5)
 
     assert (model / "meta.json").exists() and (model / "model.safetensors").exists()
     log = "".join(update.new_log for update in updates)
     assert "world_size=2" in log
-    metrics, progress = jobs.read_run(config.run_dir)
-    assert [m["epoch"] for m in metrics] == [0, 1]
+    assert log.count("world_size=2") == 1  # the log arrives once, not re-read on every poll
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1]
+    progress = read_progress(config.run_dir)
     assert progress["epoch"] == 1 and progress["step"] == progress["steps_per_epoch"]
-    assert updates[-1].status == "SUCCEEDED"
+    states = [update.state for update in updates]
+    assert states[-1] == RunState.SUCCEEDED and RunState.RUNNING in states
+    assert states.index(RunState.RUNNING) < states.index(RunState.SUCCEEDED)
+    # run files are readable by the group of a shared storage folder, not only by their owner
+    for name in ("config.json", "metrics.jsonl", "progress.json", "model/meta.json", "model/model.safetensors"):
+        assert (config.run_dir / name).stat().st_mode & 0o040, name
+    fetched = tmp_path / "fetched"
+    assert main(["runs", "fetch", config.run_name, "-o", str(fetched),
+                 "--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]) == 0
+    assert load_model(fetched).meta["mode"] == "decoder"
 
 
 def _train_worker_pids(cluster) -> list[int]:
@@ -82,11 +93,11 @@ def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_
     os.kill(victims[1], signal.SIGKILL)
 
     updates = []
-    model = jobs.follow(ray_cluster, config.run_name, config.run_dir, on_update=updates.append, poll_s=0.5)
+    model = RunClient(ray_cluster).wait(config.run_name, on_update=updates.append, poll_s=0.5)
     log = "".join(update.new_log for update in updates)
     assert "resuming after epoch" in log  # the restarted workers loaded a checkpoint
     assert not set(victims[1:]) & set(_train_worker_pids(ray_cluster))
-    epochs = [m["epoch"] for m in jobs.read_run(config.run_dir)[0]]
+    epochs = [m["epoch"] for m in MetricsReader(config.run_dir).read()]
     assert epochs == list(range(6))  # nothing lost, nothing trained twice in the record
     meta = json.loads((model / "meta.json").read_text())
     assert [m["epoch"] for m in meta["metrics"]["epochs"]] == list(range(6))
@@ -98,11 +109,21 @@ def test_a_detached_job_can_be_stopped_and_following_it_says_so(ray_cluster, cel
     train = ["train", "--data", str(cell_dataset), "--storage", str(storage), "--model", "random:tiny",
              "--epochs", "50", "--run-name", "to-stop", "--detach", *address]
     assert main(train) == 0
-    assert "submitted job to-stop" in capsys.readouterr().out
-    assert main(["stop", "to-stop", *address]) == 0
-    assert main(["follow", "to-stop", "--storage", str(storage), *address]) == 2
+    assert "submitted run to-stop" in capsys.readouterr().out
+    assert main(["runs", "list", *address]) == 0
+    assert "to-stop\t" in capsys.readouterr().out
+    assert main(["runs", "stop", "to-stop", *address]) == 0
+    assert main(["runs", "follow", "to-stop", *address]) == 2
     err = capsys.readouterr().err
-    assert "\nerror: training job to-stop ended as STOPPED" in err  # after the job's log
+    assert "\nerror: run 'to-stop' was stopped" in err  # after the job's log
+
+    # the name is taken now: reusing it neither resumes nor re-exports the old run silently
+    assert main(train) == 2
+    assert "a run named 'to-stop' already exists" in capsys.readouterr().err
+    for verb in ("follow", "stop", "fetch"):
+        assert main(["runs", verb, "no-such-run", *address, *(["-o", str(tmp_path / "m")] if verb == "fetch" else [])]) == 2
+        err = capsys.readouterr().err
+        assert "there is no run named 'no-such-run'" in err and "Traceback" not in err
 
 
 def test_unreachable_address_says_how_to_fix_it():

@@ -1,0 +1,299 @@
+"""The run client: submit, list, follow, stop training runs on a Ray cluster (Ray Jobs).
+
+The CLI (``napari-raysam train`` / ``runs ...``) and the fine-tune dock are two faces of this
+module. A run is one training job; its name is the job's submission id and is also stored in
+the job's metadata (with the run directory, base model, mode and dataset), so a run is found
+again by name after napari was closed, and ``runs list`` shows only this project's jobs.
+The ``backend`` package travels with the job as a ``py_modules`` entry, so the cluster needs
+only the dependencies installed.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from ray.job_submission import JobSubmissionClient
+
+import backend
+from backend.config import TrainConfig
+from napari_raysam.cluster import Cluster, ClusterError
+from napari_raysam.runs.files import CONFIG_FILE, MetricsReader, model_folder, read_progress
+from napari_raysam.runs.logs import LogTail
+from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
+
+APP = "napari-raysam"
+"""The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
+
+
+class RunError(RuntimeError):
+    """A run cannot be submitted, found or followed; the message says what to do."""
+
+
+class RunFailed(RunError):
+    """The run ended without a model; the message carries the reason and the end of its log."""
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """One run as the cluster knows it."""
+
+    name: str
+    job_id: str
+    """Ray's submission id: the run name, or ``<name>-resume-<k>`` for a resumed run."""
+    state: RunState
+    run_dir: Path
+    base_model: str
+    mode: str
+    images: int | None
+    message: str
+    """Ray's message for the job (why it failed, for instance); may be empty."""
+    start_time: float | None
+    """Seconds since the epoch (None before it started)."""
+    end_time: float | None
+
+
+@dataclass(frozen=True)
+class RunUpdate:
+    """What following a run reports, whenever something changed."""
+
+    state: RunState
+    metrics: list[dict]
+    """Every ``metrics.jsonl`` line so far, one per finished epoch."""
+    progress: dict | None
+    """``progress.json`` (epoch, epochs, step, steps_per_epoch, ...); None before the first step."""
+    new_log: str
+    """Log text that arrived since the previous update."""
+    elapsed_s: float
+    """Seconds since the job started (0 while pending)."""
+    model: Path | None = None
+    """The exported model folder, once the run succeeded."""
+    message: str = ""
+    """Why it failed, or a note on the connection (lost, retrying)."""
+
+
+class RunClient:
+    """Runs on one cluster. Every method talks to the cluster's Jobs API; none touches Qt."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self._jobs = self._make_jobs_client()
+
+    def _make_jobs_client(self) -> JobSubmissionClient:
+        try:
+            return JobSubmissionClient(self.cluster.dashboard_url, headers=self.cluster.headers)
+        except Exception as error:  # Ray raises bare ConnectionError/RuntimeError with HTTP details
+            raise ClusterError(f"cannot use the Ray Jobs API at {self.cluster.dashboard_url}: {error}") from error
+
+    # -- verbs ------------------------------------------------------------------------------------
+    def submit(self, config: TrainConfig, *, images: int | None = None, resume: bool = False) -> RunInfo:
+        """Submit ``python -m backend train`` for ``config``.
+
+        A run name that is already taken (on the cluster, or by a run directory in the storage)
+        is refused unless ``resume``: then the run continues from its last epoch checkpoint.
+
+        Args:
+            images: how many annotated images the dataset holds, for the run history.
+        """
+        name = config.run_name
+        existing = self._latest_jobs().get(name)
+        has_files = (config.run_dir / CONFIG_FILE).exists()
+        if (existing is not None or has_files) and not resume:
+            where = f"on {self.cluster.dashboard_url} ({existing.state.value})" if existing else f"in {config.storage}"
+            raise RunError(
+                f"a run named '{name}' already exists {where}: choose another run name, or resume that run "
+                "(`napari-raysam train ... --resume`)"
+            )
+        if resume and existing is not None and not existing.state.ended:
+            raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
+        job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
+        entrypoint = f"python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
+        env_vars = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.cluster.is_local else {}
+        metadata = {
+            "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
+            "mode": config.mode, "dataset": config.data, "images": "" if images is None else str(images),
+        }
+        try:
+            self._jobs.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env={"py_modules": [str(Path(backend.__file__).parent)], "env_vars": env_vars},
+                metadata=metadata,
+            )
+        except RuntimeError as error:
+            raise RunError(_plain_job_error(error, name, self.cluster)) from error
+        return self.info(name)
+
+    def runs(self) -> list[RunInfo]:
+        """This project's runs on the cluster (the latest job of each run name), newest first."""
+        return sorted(self._latest_jobs().values(), key=lambda run: run.start_time or time.time(), reverse=True)
+
+    def info(self, name: str) -> RunInfo:
+        """The run called ``name``.
+
+        Raises:
+            RunError: the cluster has no run of that name.
+        """
+        run = self._latest_jobs().get(name)
+        if run is None:
+            raise RunError(
+                f"there is no run named '{name}' on {self.cluster.dashboard_url}: "
+                "`napari-raysam runs list` shows the runs there"
+            )
+        return run
+
+    def stop(self, name: str) -> bool:
+        """Ask the cluster to stop the run; True if it was still pending or running."""
+        run = self.info(name)
+        try:
+            return bool(self._jobs.stop_job(run.job_id))
+        except RuntimeError as error:
+            raise RunError(_plain_job_error(error, name, self.cluster)) from error
+
+    def follow(
+        self,
+        name: str,
+        *,
+        poll_s: float = 1.0,
+        should_stop: Callable[[], bool] = lambda: False,
+        retries: int = 30,
+    ) -> Iterator[RunUpdate]:
+        """Yield a :class:`RunUpdate` whenever the run's state, metrics, progress or log changed.
+
+        The last update has an end state. The log arrives over Ray's log stream (only new text),
+        metrics are read from where the previous read stopped, the status is one small request per
+        ``poll_s``. A dropped connection is retried ``retries`` times (backing off up to 10 s)
+        with an update saying so; ``should_stop`` lets a GUI stop following (the run goes on).
+        """
+        run = self.info(name)
+        lifecycle = RunLifecycle(RunState.PENDING)
+        metrics = MetricsReader(run.run_dir)
+        tail = LogTail(self._make_jobs_client, run.job_id)
+        tail.start()
+        last: tuple | None = None
+        failures = 0
+        try:
+            while not should_stop():
+                try:
+                    details = self._jobs.get_job_info(run.job_id)
+                    failures = 0
+                except OSError as error:  # requests' ConnectionError and timeouts are OSErrors
+                    failures += 1
+                    if failures > retries:
+                        raise RunError(
+                            f"lost the connection to {self.cluster.dashboard_url} ({error}); the run goes on "
+                            f"there: follow it again with `napari-raysam runs follow {name}`"
+                        ) from error
+                    yield RunUpdate(
+                        lifecycle.state, metrics.lines, read_progress(run.run_dir), "", 0.0,
+                        message=f"lost the connection to the cluster; retrying ({failures}/{retries})",
+                    )
+                    time.sleep(min(2.0**failures, 10.0))
+                    continue
+                state = state_of_job(details.status)
+                model = model_folder(run.run_dir) if state == RunState.SUCCEEDED else None
+                message = ""
+                if state == RunState.SUCCEEDED and model is None:
+                    state, message = RunState.FAILED, f"the job ended without writing a model into {run.run_dir}"
+                lifecycle.advance(state)
+                if lifecycle.state.ended:
+                    tail.finish()
+                    if lifecycle.state == RunState.FAILED:
+                        message = self._failure_message(run, details.message or message, tail)
+                update = RunUpdate(
+                    state=lifecycle.state,
+                    metrics=list(metrics.read()),
+                    progress=read_progress(run.run_dir),
+                    new_log=tail.take(),
+                    elapsed_s=_elapsed(details.start_time, details.end_time),
+                    model=model,
+                    message=message,
+                )
+                key = (update.state, len(update.metrics), json.dumps(update.progress))
+                if update.new_log or key != last or lifecycle.state.ended:
+                    yield update
+                last = key
+                if lifecycle.state.ended:
+                    return
+                time.sleep(poll_s)
+        finally:
+            tail.close()
+
+    def wait(self, name: str, on_update: Callable[[RunUpdate], None] | None = None, poll_s: float = 1.0) -> Path:
+        """Follow the run to its end; returns its model folder.
+
+        Raises:
+            RunFailed: the run failed or was stopped.
+        """
+        for update in self.follow(name, poll_s=poll_s):
+            if on_update is not None:
+                on_update(update)
+            if update.state == RunState.SUCCEEDED:
+                return update.model
+            if update.state.ended:
+                raise RunFailed(update.message or f"run '{name}' was stopped before it finished")
+        raise AssertionError("follow ended without an end state")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _latest_jobs(self) -> dict[str, RunInfo]:
+        """Run name -> the newest of its jobs, for this project's jobs only."""
+        try:
+            jobs = self._jobs.list_jobs()
+        except RuntimeError as error:
+            raise RunError(_plain_job_error(error, "", self.cluster)) from error
+        latest: dict[str, RunInfo] = {}
+        for job in jobs:
+            metadata = job.metadata or {}
+            if metadata.get("app") != APP or not job.submission_id:
+                continue
+            run = RunInfo(
+                name=metadata.get("run_name", job.submission_id),
+                job_id=job.submission_id,
+                state=state_of_job(job.status),
+                run_dir=Path(metadata.get("run_dir", "")),
+                base_model=metadata.get("base_model", ""),
+                mode=metadata.get("mode", ""),
+                images=int(metadata["images"]) if metadata.get("images") else None,
+                message=job.message or "",
+                start_time=job.start_time / 1000 if job.start_time else None,
+                end_time=job.end_time / 1000 if job.end_time else None,
+            )
+            previous = latest.get(run.name)
+            if previous is None or (run.start_time or 0) >= (previous.start_time or 0):
+                latest[run.name] = run
+        return latest
+
+    def _failure_message(self, run: RunInfo, reason: str, tail: LogTail) -> str:
+        log = tail.tail(30)
+        if not log:  # the log stream was not to be had: ask once for the whole log
+            try:
+                log = "\n".join(self._jobs.get_job_logs(run.job_id).rstrip().splitlines()[-30:])
+            except (RuntimeError, OSError):
+                log = "(the log could not be read)"
+        return f"run '{run.name}' failed: {reason.strip() or 'no reason given'}\nlast lines of its log:\n{log}"
+
+
+def _elapsed(start_ms: int | None, end_ms: int | None) -> float:
+    if not start_ms:
+        return 0.0
+    end = end_ms / 1000 if end_ms else time.time()
+    return max(0.0, end - start_ms / 1000)
+
+
+def _plain_job_error(error: RuntimeError, name: str, cluster: Cluster) -> str:
+    """Ray's HTTP-flavoured job errors, said in plain words."""
+    text = str(error)
+    if "already exists" in text:
+        return f"a run named '{name}' already exists on {cluster.dashboard_url}: choose another run name"
+    if "does not exist" in text or "404" in text:
+        return (
+            f"there is no run named '{name}' on {cluster.dashboard_url}: "
+            "`napari-raysam runs list` shows the runs there"
+        )
+    if "401" in text or "403" in text or "nauthori" in text:
+        return f"the cluster at {cluster.dashboard_url} refused the token: check --token / RAY_AUTH_TOKEN"
+    return f"the cluster at {cluster.dashboard_url} answered: {text}"

@@ -1,0 +1,137 @@
+"""Reading a run directory (design contract 2) from the client, incrementally.
+
+The training job writes ``metrics.jsonl`` (one line per epoch), ``progress.json`` (after every
+step) and ``model/`` (last). The client reads them while the job runs, so reads must tolerate a
+line being written right now and a file rewritten after a resume. This is the client's one
+reader of those files: the CLI, the dock and the benchmarks use it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from backend.atomic import staging_folder
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+PROGRESS_FILE = "progress.json"
+MODEL_FOLDER = "model"
+MODEL_META = "meta.json"
+
+
+class MetricsReader:
+    """Reads ``metrics.jsonl`` of a run from where it stopped last time.
+
+    Only new bytes are read on each :meth:`read`; a half-written last line waits for the next
+    call; a file that shrank (rewritten after a resume) is read again from its start.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / METRICS_FILE
+        self.lines: list[dict] = []
+        self._offset = 0
+
+    def read(self) -> list[dict]:
+        """All epoch lines so far (one dict per finished epoch, in order)."""
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            return self.lines
+        if size < self._offset:
+            self.lines, self._offset = [], 0
+        if size == self._offset:
+            return self.lines
+        with open(self.path, "rb") as file:
+            file.seek(self._offset)
+            chunk = file.read(size - self._offset)
+        complete = chunk[: chunk.rfind(b"\n") + 1]
+        for line in complete.splitlines():
+            if line.strip():
+                self.lines.append(json.loads(line))
+        self._offset += len(complete)
+        return self.lines
+
+
+def read_progress(run_dir: Path) -> dict | None:
+    """``progress.json`` (epoch, epochs, step, steps_per_epoch, ...), or None before the first step."""
+    try:
+        return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def model_folder(run_dir: Path) -> Path | None:
+    """The run's exported model folder (contract 3), or None until it is complete."""
+    folder = Path(run_dir) / MODEL_FOLDER
+    return folder if (folder / MODEL_META).is_file() else None
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run of a storage folder, as the run history lists it."""
+
+    name: str
+    run_dir: Path
+    created: datetime
+    base_model: str
+    mode: str
+    images: int | None
+    """Annotated images the run trained and validated on (None when the submitter did not say)."""
+    val_iou: float | None
+    """The best epoch's validation IoU; None before the first epoch."""
+    model: Path | None
+    """The exported model folder; None while the run has not finished with one."""
+
+
+def read_record(run_dir: Path) -> RunRecord | None:
+    """The history entry of ``run_dir``, or None when it is not a run directory."""
+    run_dir = Path(run_dir)
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+        created = datetime.fromtimestamp((run_dir / CONFIG_FILE).stat().st_mtime, timezone.utc)
+    except (OSError, json.JSONDecodeError):
+        return None
+    metrics = MetricsReader(run_dir).read()
+    best = min(metrics, key=lambda line: line["val_loss"], default=None)
+    images = config.get("extra", {}).get("images")
+    return RunRecord(
+        name=run_dir.name,
+        run_dir=run_dir,
+        created=created,
+        base_model=str(config.get("model", "")),
+        mode=str(config.get("mode", "")),
+        images=int(images) if images is not None else None,
+        val_iou=float(best["val_iou"]) if best is not None else None,
+        model=model_folder(run_dir),
+    )
+
+
+def run_history(storage: Path) -> list[RunRecord]:
+    """Every run directory in ``storage``, newest first (an unreadable one is skipped)."""
+    storage = Path(storage)
+    if not storage.is_dir():
+        return []
+    records = [read_record(entry) for entry in storage.iterdir() if entry.is_dir()]
+    return sorted((r for r in records if r is not None), key=lambda r: r.created, reverse=True)
+
+
+def fetch_model(run_dir: Path, destination: Path) -> Path:
+    """Copy the run's model folder to ``destination`` (replaced atomically); returns ``destination``.
+
+    Raises:
+        FileNotFoundError: the run has no complete model folder (yet).
+    """
+    source = model_folder(run_dir)
+    if source is None:
+        raise FileNotFoundError(
+            f"{run_dir} has no model yet: the run has not finished successfully "
+            "(`napari-raysam runs list` shows its state)"
+        )
+    destination = Path(destination)
+    with staging_folder(destination) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+    return destination
