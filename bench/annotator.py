@@ -44,10 +44,10 @@ from micro_sam.util import get_centers_and_bounding_boxes, precompute_image_embe
 
 from backend.dataset import SampleInput, write_samples
 from common import machine
-from napari_raysam.annotations import AnnotationStore
+from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.demo import hela_frames
-from napari_raysam.image_source import content_key, sam_rgb
-from napari_raysam.session import SamSession
+from napari_raysam.annotator.image_source import content_key, sam_rgb
+from napari_raysam.annotator.session import SamSession
 
 MODEL = "random:vit_t"
 SIDE = 1024

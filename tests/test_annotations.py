@@ -1,11 +1,11 @@
-"""Never losing work (napari_raysam.annotations): autosaved labels, commits and undo."""
+"""Never losing work (napari_raysam.annotator.annotations): autosaved labels, commits and undo."""
 
 import json
 
 import numpy as np
 import pytest
 
-from napari_raysam.annotations import AnnotationStore, CommitError, CommitHistory
+from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory
 from napari_raysam.cluster import state_dir
 
 KEY = "ab" * 32

@@ -173,7 +173,8 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
     embed(qtbot, widget)
     assert widget.session.image_shape == (96, 96)
 
-    # export keeps the four channels, their names and the SAM mapping; a second export appends
+    # export keeps the four channels, their names and the SAM mapping; exporting the same image
+    # into the other split moves it there: never twice, never in both splits
     viewer.layers[CURRENT_LAYER].data[30:50, 30:50] = 1
     click(qtbot, widget.commit_button)
     widget.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
@@ -181,11 +182,15 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
         widget.split_combo.setCurrentText(split)
         click(qtbot, widget.export_button)
         wait_for_worker(qtbot, widget)
+    assert "0 new, 1 updated" in widget.status.text()
     dataset = open_dataset(tmp_path / "hpa.zarr")
     assert dataset.channel_names == ["microtubules", "protein", "nucleus", "er"]
     assert dataset.sam_channels == [0, 3, 2]
-    assert len(dataset.sample_ids("train")) == len(dataset.sample_ids("val")) == 1
+    assert dataset.sample_ids("train") == [] and len(dataset.sample_ids("val")) == 1
     np.testing.assert_array_equal(dataset.image(dataset.sample_ids("val")[0]), image)
+    # the annotator's embedding went along (same encoder as the dock's model)
+    fingerprint = widget.session.model.encoder_fingerprint
+    assert dataset.embedding(dataset.sample_ids("val")[0], fingerprint) is not None
 
 
 def test_stack_is_annotated_slice_by_slice(annotator, qtbot):

@@ -1,9 +1,9 @@
-"""Images to annotate (napari_raysam.image_source): channels of napari layers, slices, SAM input."""
+"""Images to annotate (napari_raysam.annotator.image_source): channels of napari layers, slices, SAM input."""
 
 import numpy as np
 import pytest
 
-from napari_raysam.image_source import (
+from napari_raysam.annotator.image_source import (
     MIN_SIZE,
     ImageChannels,
     ImageError,

@@ -1,4 +1,4 @@
-"""SAM session (napari_raysam.session): cached embeddings, model changes, prompts -> masks, tiling."""
+"""SAM session (napari_raysam.annotator.session): cached embeddings, model changes, prompts -> masks, tiling."""
 
 import gc
 
@@ -13,9 +13,9 @@ from micro_sam.instance_segmentation import (
 from synthetic import synthetic_cells
 
 from backend.models import build_sam, save_model_folder
-from napari_raysam import session as session_module
-from napari_raysam.image_source import sam_rgb
-from napari_raysam.session import AIS, AMG, SamSession, SessionError
+from napari_raysam.annotator import session as session_module
+from napari_raysam.annotator.image_source import sam_rgb
+from napari_raysam.annotator.session import AIS, AMG, SamSession, SessionError
 
 MODEL = "random:tiny"
 

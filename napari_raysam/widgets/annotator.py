@@ -1,8 +1,8 @@
 """The "SAM annotator" dock widget: interactive SAM annotation in napari.
 
-Thin by design: images are read by :mod:`napari_raysam.image_source`, SAM runs in
-:class:`napari_raysam.session.SamSession`, commits/undo and autosave live in
-:mod:`napari_raysam.annotations`, export in :func:`backend.dataset.write_samples`. This module
+Thin by design: images are read by :mod:`napari_raysam.annotator.image_source`, SAM runs in
+:class:`napari_raysam.annotator.session.SamSession`, commits/undo and autosave live in
+:mod:`napari_raysam.annotator.annotations`, export in :func:`backend.dataset.write_samples`. This module
 wires them to napari layers, buttons, keys and thread workers. Everything slow (model
 loading, embeddings, automatic segmentation, export) runs in a worker thread; errors end up
 in the status line, in plain words, never in a traceback dialog.
@@ -11,6 +11,7 @@ in the status line, in plain words, never in a traceback dialog.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,12 +36,23 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from backend.dataset import DatasetError, SampleInput, write_samples
+from backend.dataset import DatasetError
 from backend.models import ModelError
-from napari_raysam.annotations import AnnotationStore, CommitError, CommitHistory
-from napari_raysam.image_source import ImageChannels, ImageError, check_plane, content_key, sam_rgb
-from napari_raysam.model_sources import model_choices, resolve_model_source
-from napari_raysam.session import AIS, SamSession, SessionError
+from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory
+from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
+from napari_raysam.annotator.image_source import (
+    ImageChannels,
+    ImageError,
+    check_plane,
+    content_key,
+    first_axis_is_channels,
+    sam_channels_choice,
+    sam_rgb,
+    stack_index,
+)
+from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
+from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, Prompts, prompts_from_layers
+from napari_raysam.annotator.session import AIS, SamSession, SessionError
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +62,6 @@ CURRENT_LAYER = "SAM current object"
 COMMITTED_LAYER = "SAM committed objects"
 AUTOMATIC_LAYER = "SAM automatic segmentation"
 
-POSITIVE, NEGATIVE = "positive", "negative"
 _PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
 _NO_CHANNEL = "—"
 _ALL_CHANNEL_LAYERS = "channel layers: "  # prefix of the entry that combines same-shaped layers
@@ -83,12 +94,26 @@ class _Progress(QObject):
     changed = Signal(int, int)
 
 
+_ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakValueDictionary()
+
+
+def annotator_for(viewer: napari.viewer.Viewer) -> AnnotatorWidget | None:
+    """The annotator dock open in ``viewer``, if any (the fine-tune dock works through it)."""
+    return _ANNOTATORS.get(id(viewer))
+
+
 class AnnotatorWidget(QWidget):
     """Dock widget: pick an image and a model, prompt SAM, commit objects, export a dataset.
 
     The committed objects of each image (each slice of a stack) are autosaved after every
     change, keyed by the image's pixels, and restored when the same image is opened again.
+
+    Public API, for the fine-tune dock: :attr:`model_source`, :meth:`load_model`,
+    :attr:`model_changed`, :meth:`annotated_images`, :meth:`embedding_source`.
     """
+
+    model_changed = Signal(str)
+    """Emitted with the model source once a model is loaded."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, cache_dir: Path | None = None) -> None:
         super().__init__()
@@ -100,6 +125,8 @@ class AnnotatorWidget(QWidget):
         self._plane_index: tuple[int, ...] = ()
         self._plane_key: str | None = None
         self._image_layer: Image | None = None  # the layer whose pixels and transform the annotation follows
+        self._images: dict[str, AnnotatedImage] = {}  # every image annotated in this dock, by its chooser entry
+        self._annotated_key = ""  # the chooser entry (and first-axis reading) of the annotated image
         self._worker = None
         self._has_automatic = False  # the automatic segmentation layer holds a result not yet committed
         self._after_worker: Callable[[], None] | None = None  # what a finished worker's result asked for next
@@ -116,6 +143,37 @@ class AnnotatorWidget(QWidget):
         self._refresh_image_choices()
         self._prepare_layers()
         self._update_buttons()
+        _ANNOTATORS[id(napari_viewer)] = self
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def model_source(self) -> str | None:
+        """The loaded model's source (a zoo name, a path, ``random:<type>``), None before one is loaded."""
+        return self.session.model.source if self.session.model is not None else None
+
+    @property
+    def busy(self) -> bool:
+        """Whether a background task (model loading, embeddings, export, ...) is running."""
+        return self._worker is not None
+
+    def annotated_images(self) -> list[AnnotatedImage]:
+        """Every image annotated in this dock (all slices of a stack), for export.
+
+        Saves the shown slice's objects first, so the export reads what the user sees.
+        """
+        self._autosave()
+        if self._channels is not None:
+            try:
+                sam_channels = self._sam_channels()
+            except ImageError:
+                sam_channels = self._images[self._annotated_key].sam_channels
+            self._images[self._annotated_key] = AnnotatedImage(self._channels, self._image_layer.name, sam_channels)
+        return list(self._images.values())
+
+    def embedding_source(self) -> EmbeddingSource | None:
+        """Where this dock's embeddings are cached and which encoder made them; None without a model."""
+        model = self.session.model
+        return EmbeddingSource(self.session.cache_dir, model.encoder_fingerprint) if model is not None else None
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
@@ -153,7 +211,7 @@ class AnnotatorWidget(QWidget):
         model_row.addWidget(browse_folder)
         model_form.addRow("Model", model_row)
         self.load_model_button = QPushButton("Load model", toolTip="Load the chosen model; embeddings are kept when its image encoder is unchanged")
-        self.load_model_button.clicked.connect(self.load_model)
+        self.load_model_button.clicked.connect(lambda: self.load_model())
         self.model_label = QLabel("no model loaded", wordWrap=True)
         model_form.addRow(self.load_model_button, self.model_label)
         layout.addWidget(model_box)
@@ -300,8 +358,7 @@ class AnnotatorWidget(QWidget):
         multi_axis = single is not None and not single.rgb and single.ndim >= 3
         self.layout_combo.setEnabled(multi_axis)
         self.layout_combo.blockSignals(True)
-        # a short first axis is far more often channels (HPA's 4) than slices
-        self.layout_combo.setCurrentIndex(1 if multi_axis and single.data.shape[0] <= 4 else 0)
+        self.layout_combo.setCurrentIndex(1 if single is not None and first_axis_is_channels(single.data.shape, single.rgb) else 0)
         self.layout_combo.blockSignals(False)
         self._refresh_channels()
 
@@ -342,25 +399,14 @@ class AnnotatorWidget(QWidget):
             combo.blockSignals(False)
 
     def _sam_channels(self) -> tuple[int, ...]:
-        red = self.channel_combos[0].currentIndex()
-        others = [combo.currentIndex() - 1 for combo in self.channel_combos[1:]]
-        if all(index < 0 for index in others):
-            return (red,)
-        if any(index < 0 for index in others):
-            raise ImageError(
-                "choose a channel for both green and blue, or none (—) for both to use the red channel alone"
-            )
-        return (red, *others)
+        green, blue = (combo.currentIndex() - 1 for combo in self.channel_combos[1:])  # 0 is "—"
+        return sam_channels_choice(
+            self.channel_combos[0].currentIndex(), green if green >= 0 else None, blue if blue >= 0 else None
+        )
 
     def _stack_index(self, channels: ImageChannels, layer: Image) -> tuple[int, ...]:
         """The slice of ``channels`` the viewer shows (``()`` for a 2D image)."""
-        if not channels.stack_shape:
-            return ()
-        data_point = np.asarray(layer.world_to_data(self.viewer.dims.point))
-        channel_axis = self._channel_axis(layer)
-        if channel_axis is not None:
-            data_point = np.delete(data_point, channel_axis)
-        return (int(np.clip(np.round(data_point[-3]), 0, channels.stack_shape[0] - 1)),)
+        return stack_index(channels, layer.world_to_data(self.viewer.dims.point), self._channel_axis(layer))
 
     # ------------------------------------------------------------------ model
     def _browse_model(self, folder: bool) -> None:
@@ -372,8 +418,11 @@ class AnnotatorWidget(QWidget):
             self.model_combo.setCurrentText(path)
             self.load_model()
 
-    def load_model(self) -> None:
-        """Load the chosen model in the background; recompute embeddings only when the encoder changed."""
+    def load_model(self, source: str | None = None) -> None:
+        """Load ``source`` (default: the chosen model) in the background; embeddings are recomputed
+        only when the image encoder changed. :attr:`model_changed` tells when it is loaded."""
+        if source is not None:
+            self.model_combo.setCurrentText(source)
         source = resolve_model_source(self.model_combo.currentText())
         if not source:
             self._say("type or choose a model first")
@@ -398,6 +447,7 @@ class AnnotatorWidget(QWidget):
             self._after_worker = self.compute_embeddings
         else:
             self._say("model loaded; now compute embeddings [or press a Segment shortcut after that]")
+        self.model_changed.emit(model.source)
 
     # ------------------------------------------------------------------ embeddings
     def compute_embeddings(self) -> None:
@@ -432,6 +482,8 @@ class AnnotatorWidget(QWidget):
         self._autosave()
         self.session.reset_image()
         self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
+        self._annotated_key = f"{self.image_combo.currentText()}|{self.layout_combo.currentIndex()}"
+        self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self._sam_channels())
         self.history.clear()
         height, width = channels.shape
         saved = self.store.load(key, (height, width))
@@ -531,26 +583,23 @@ class AnnotatorWidget(QWidget):
         """Switch the next points between positive (on the object) and negative (not on it)."""
         self._set_prompt_mode(NEGATIVE if self._prompt_mode == POSITIVE else POSITIVE)
 
-    def _prompts(self) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Points ``(N, 2)`` YX, their labels ``(N,)`` 1/0 and the last box ``[y0, x0, y1, x1]``, in pixels."""
+    def _prompts(self) -> Prompts:
         points_layer, boxes_layer = self._layer(POINTS_LAYER), self._layer(BOXES_LAYER)
-        points = labels = box = None
-        if points_layer is not None and len(points_layer.data):
-            points = np.asarray(points_layer.data, dtype=float)
-            labels = (points_layer.features["prompt"].to_numpy() == POSITIVE).astype(int)
-        if boxes_layer is not None and len(boxes_layer.data):
-            corners = np.asarray(boxes_layer.data[-1], dtype=float)
-            box = np.concatenate([corners.min(axis=0), corners.max(axis=0)])
-        return points, labels, box
+        has_points = points_layer is not None and len(points_layer.data)
+        return prompts_from_layers(
+            points_layer.data if has_points else np.zeros((0, 2)),
+            points_layer.features["prompt"].to_numpy() if has_points else [],
+            boxes_layer.data if boxes_layer is not None else [],
+        )
 
     def segment(self) -> None:
         """Show the object SAM proposes for the current points and box in the current-object layer."""
         if self._worker is not None or self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
-        points, labels, box = self._prompts()
+        prompts = self._prompts()
         try:
-            mask = self.session.segment(points, labels, box)
+            mask = self.session.segment(prompts.points, prompts.labels, prompts.box)
         except SessionError as error:
             self._say(str(error))
             return
@@ -651,7 +700,8 @@ class AnnotatorWidget(QWidget):
             self.dataset_edit.setText(path)
 
     def export(self) -> None:
-        """Append the current image (each annotated slice of a stack) and its objects to the dataset."""
+        """Write every annotated image (each slice of a stack) of this dock into the dataset, in the
+        chosen split; an image exported before is updated, never added twice."""
         path = self.dataset_edit.text().strip()
         if not path:
             self._say("type a dataset path (a .zarr folder) to export to")
@@ -660,44 +710,18 @@ class AnnotatorWidget(QWidget):
             self._say("nothing to export yet: compute embeddings and commit objects first")
             return
         try:
-            sam_channels = self._sam_channels()
+            self._sam_channels()
         except ImageError as error:
             self._say(str(error))
             return
-        self._autosave()
-        channels, split, name = self._channels, self.split_combo.currentText(), self._image_layer.name
-        current = (self._plane_key, np.array(self._layer(COMMITTED_LAYER).data, np.uint32))
-        names = None if Path(path).exists() else list(channels.names)
-
-        def write(progress):
-            samples = self._export_samples(channels, current, split, name)
-            return write_samples(path, samples, channel_names=names, sam_channels=sam_channels, progress=progress)
-
+        images, split, embeddings = self.annotated_images(), self.split_combo.currentText(), self.embedding_source()
         self._start(
             f"exporting to {path}…",
-            write,
-            lambda ids: self._say(f"exported {len(ids)} image{'s' if len(ids) > 1 else ''} with their objects to {path} ({split})"),
+            lambda progress: export_annotations(
+                images, path, self.store, split=split, embeddings=embeddings, progress=progress
+            ),
+            lambda result: self._say(f"exported to {path} ({split}): {result.summary()}"),
         )
-
-    def _export_samples(
-        self, channels: ImageChannels, current: tuple[str, np.ndarray], split: str, name: str
-    ) -> list[SampleInput]:
-        """The annotated planes of an image: the shown one (``current`` = key, labels), plus saved slices of a stack.
-
-        Runs in the export worker: reading and hashing every slice of a stack takes a while.
-        """
-        indices = [(z,) for z in range(channels.stack_shape[0])] if channels.stack_shape else [()]
-        samples = []
-        for index in indices:
-            plane = channels.plane(index)
-            key = content_key(plane)
-            labels = current[1] if key == current[0] else self.store.load(key, channels.shape)
-            if labels is not None and labels.any():
-                source = f"{name} slice {index[0]}" if index else name
-                samples.append(SampleInput(plane, labels, split=split, source=source))
-        if not samples:
-            raise DatasetError("no committed objects to export: Commit [C] some objects first")
-        return samples
 
     # ------------------------------------------------------------------ workers
     def _start(self, message: str, task: Callable[[Callable[[int, int], None]], Any], done: Callable[[Any], None]) -> None:

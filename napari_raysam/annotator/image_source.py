@@ -276,3 +276,38 @@ def content_key(array: np.ndarray) -> str:
     a dataset export records for that image.
     """
     return content_sha256(np.asarray(array))
+
+
+def first_axis_is_channels(shape: tuple[int, ...], rgb: bool) -> bool:
+    """Guess for a non-RGB 3D/4D layer: a short first axis (4 or fewer entries, e.g. HPA's 4 stains)
+    is far more often channels than slices."""
+    return not rgb and len(shape) >= 3 and shape[0] <= 4
+
+
+def sam_channels_choice(red: int, green: int | None, blue: int | None) -> tuple[int, ...]:
+    """The SAM channels for a choice of one channel per colour: ``(red,)`` when green and blue are
+    both None (one channel fed to all three colours), else ``(red, green, blue)``.
+
+    Raises:
+        ImageError: only one of green and blue is chosen.
+    """
+    if green is None and blue is None:
+        return (red,)
+    if green is None or blue is None:
+        raise ImageError("choose a channel for both green and blue, or none (—) for both to use the red channel alone")
+    return (red, green, blue)
+
+
+def stack_index(channels: ImageChannels, data_point: Sequence[float], channel_axis: int | None) -> tuple[int, ...]:
+    """The slice of ``channels`` at the layer's data coordinates ``data_point`` (``()`` for a 2D image).
+
+    Args:
+        data_point: the viewer's point in the layer's data coordinates, one entry per layer axis.
+        channel_axis: the layer axis that holds channels (dropped from ``data_point``), or None.
+    """
+    if not channels.stack_shape:
+        return ()
+    point = np.asarray(data_point, dtype=float)
+    if channel_axis is not None:
+        point = np.delete(point, channel_axis)
+    return (int(np.clip(np.round(point[-3]), 0, channels.stack_shape[0] - 1)),)

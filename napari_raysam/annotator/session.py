@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import zarr
 from micro_sam.instance_segmentation import (
     AutomaticMaskGenerator,
     InstanceSegmentationWithDecoder,
@@ -44,9 +45,10 @@ from micro_sam.util import precompute_image_embeddings
 from segment_anything import SamPredictor
 
 from backend.atomic import staging_folder
+from backend.dataset import SampleEmbedding
 from backend.models import LoadedModel, build_instance_decoder, load_model
-from napari_raysam.annotations import default_cache_dir
-from napari_raysam.image_source import content_key
+from napari_raysam.annotator.annotations import default_cache_dir
+from napari_raysam.annotator.image_source import content_key
 
 TILE_SHAPE = (1024, 1024)
 HALO = (256, 256)
@@ -107,6 +109,31 @@ def _garbage_collection_paused() -> Iterator[None]:
             gc.enable()
 
 
+def embedding_cache_path(cache_dir: Path, encoder_fingerprint: str, rgb: np.ndarray) -> Path:
+    """Where the embeddings of the SAM input ``rgb`` ((H, W, 3) uint8) by that encoder are cached."""
+    return Path(cache_dir) / "embeddings" / encoder_fingerprint[:16] / f"{content_key(rgb)[:32]}.zarr"
+
+
+def read_cached_embedding(cache_dir: Path, encoder_fingerprint: str, rgb: np.ndarray) -> SampleEmbedding | None:
+    """The cached whole-image embedding of ``rgb`` by that encoder, as a dataset sample carries it.
+
+    None when it was never computed, or the image was embedded in tiles (a dataset stores one
+    ``(256, 64, 64)`` embedding per image), or the cache file cannot be read.
+    """
+    path = embedding_cache_path(cache_dir, encoder_fingerprint, rgb)
+    if not path.exists() or max(rgb.shape[:2]) > TILING_THRESHOLD:
+        return None
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        features = np.asarray(group["features"][:])[0]
+        return SampleEmbedding(
+            features, encoder_fingerprint, tuple(group.attrs["input_size"]), tuple(group.attrs["original_size"])
+        )
+    except Exception as error:  # noqa: BLE001 - the cache is disposable; training computes what is missing
+        warnings.warn(f"cannot read the cached embeddings in {path} ({error}); training will compute them")
+        return None
+
+
 class SamSession:
     """One SAM model and the embeddings of the image being annotated.
 
@@ -165,7 +192,7 @@ class SamSession:
         """Make ``rgb`` the image to segment: read its embeddings from the cache or compute them.
 
         Args:
-            rgb: ``(H, W, 3)`` uint8 SAM input (``napari_raysam.image_source.sam_rgb``).
+            rgb: ``(H, W, 3)`` uint8 SAM input (``napari_raysam.annotator.image_source.sam_rgb``).
             progress: called as ``progress(done, total)`` from the calling thread: at the start,
                 per tile while computing tiled embeddings, and at the end.
 
@@ -178,7 +205,7 @@ class SamSession:
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise SessionError(
                 f"the SAM input must be an (H, W, 3) uint8 image; got {rgb.shape} {rgb.dtype}: "
-                f"make it with napari_raysam.image_source.sam_rgb"
+                f"make it with napari_raysam.annotator.image_source.sam_rgb"
             )
         self.reset_image()
         report = _Progress(progress)
@@ -227,12 +254,7 @@ class SamSession:
 
     def _cache_path(self, rgb: np.ndarray) -> Path:
         assert self.model is not None
-        return (
-            self.cache_dir
-            / "embeddings"
-            / self.model.encoder_fingerprint[:16]
-            / f"{content_key(rgb)[:32]}.zarr"
-        )
+        return embedding_cache_path(self.cache_dir, self.model.encoder_fingerprint, rgb)
 
     def _precompute(self, rgb: np.ndarray, save_path: Path, tiled: bool, report: _Progress) -> dict[str, Any]:
         """micro-sam's embeddings of ``rgb``: read from ``save_path`` if it holds them, else computed there."""
