@@ -19,7 +19,7 @@ from backend.config import TrainConfig
 from backend.models import load_model
 from napari_raysam import cluster as clusters
 from napari_raysam.cli import main
-from napari_raysam.runs import MetricsReader, RunClient, RunError, RunState, read_progress
+from napari_raysam.runs import MetricsReader, RunClient, RunState, read_progress
 
 pytestmark = pytest.mark.ray
 
