@@ -188,6 +188,33 @@ def load_model(source: str | os.PathLike[str], device: str | torch.device = "cpu
     )
 
 
+def check_source(source: str, *, offline: bool = False) -> None:
+    """Check that ``source`` names a model :func:`load_model` can open, without reading weights.
+
+    Args:
+        offline: also require a micro-sam model name to be in micro-sam's cache (nothing to download).
+
+    Raises:
+        ModelError: the same plain message :func:`load_model` would give.
+    """
+    source = str(source)
+    if source.startswith(RANDOM_PREFIX):
+        if source[len(RANDOM_PREFIX):] not in MODEL_TYPES:
+            raise ModelError(
+                f"unknown model type in '{source}'; use one of " + ", ".join(RANDOM_PREFIX + t for t in MODEL_TYPES)
+            )
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        return
+    if any(char in source for char in "/\\.~"):
+        raise ModelError(f"no file or folder at {path.absolute()}. {_VALID_SOURCES}")
+    names = zoo_model_names(cached_only=offline)
+    if source not in names:
+        state = "downloaded (in micro-sam's cache)" if offline and source in zoo_model_names() else "known"
+        raise ModelError(f"'{source}' is not a {state} micro-sam model, a file or a folder. {_VALID_SOURCES}")
+
+
 def _resolve_source(source: str) -> tuple[Sam, str, dict, dict[str, torch.Tensor] | None]:
     """Build the CPU model for ``source``: returns ``(sam, model_type, meta, decoder_state)``."""
     if source.startswith(RANDOM_PREFIX):

@@ -50,6 +50,22 @@ def decoder_model(tmp_path_factory, decoder_state) -> str:
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """This test session's own Ray head on 127.0.0.1 (2 CPUs), stopped by its processes' ids."""
+    from napari_raysam import cluster as clusters
+
+    home = tmp_path_factory.mktemp("ray_state")
+    previous = os.environ.get("NAPARI_RAYSAM_HOME")
+    os.environ["NAPARI_RAYSAM_HOME"] = str(home)
+    try:
+        cluster = clusters.start_local_cluster(num_cpus=2)
+    finally:
+        os.environ.pop("NAPARI_RAYSAM_HOME") if previous is None else os.environ.update(NAPARI_RAYSAM_HOME=previous)
+    yield cluster
+    clusters.stop_local_cluster(cluster)
+
+
 @pytest.fixture(autouse=True)
 def isolated_state(tmp_path, monkeypatch):
     """Keep napari-raysam's state folder (local cluster record, token) per test."""

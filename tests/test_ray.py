@@ -26,19 +26,6 @@ pytestmark = pytest.mark.ray
 SMALL = {"model": "random:tiny", "n_objects_per_batch": 2, "n_sub_iteration": 2, "patch_shape": (96, 96)}
 
 
-@pytest.fixture(scope="session")
-def ray_cluster(tmp_path_factory):
-    home = tmp_path_factory.mktemp("ray_state")
-    previous = os.environ.get("NAPARI_RAYSAM_HOME")
-    os.environ["NAPARI_RAYSAM_HOME"] = str(home)
-    try:
-        cluster = clusters.start_local_cluster(num_cpus=2)
-    finally:
-        os.environ.pop("NAPARI_RAYSAM_HOME") if previous is None else os.environ.update(NAPARI_RAYSAM_HOME=previous)
-    yield cluster
-    clusters.stop_local_cluster(cluster)
-
-
 def submit(cluster, cell_dataset, tmp_path, **overrides) -> TrainConfig:
     config = TrainConfig(data=str(cell_dataset), storage=str(tmp_path / "runs"), **{**SMALL, **overrides})
     assert RunClient(cluster).submit(config).name == config.run_name

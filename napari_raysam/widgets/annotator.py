@@ -438,7 +438,9 @@ class AnnotatorWidget(QWidget):
         model = self.session.model
         uses_decoder = self.session.automatic_mode == AIS
         method = "its instance decoder" if uses_decoder else "a point grid"
-        self.model_label.setText(f"{model.model_type} from {model.source}; automatic segmentation: {method}")
+        shown = "/".join(Path(model.source).parts[-2:]) if Path(model.source).exists() else model.source
+        self.model_label.setText(f"{model.model_type} from {shown}; automatic segmentation: {method}")
+        self.model_label.setToolTip(model.source)
         self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
         if kept and had_image:
             self._say("model loaded; its image encoder is unchanged, so the embeddings were kept")
