@@ -14,6 +14,15 @@ MODES = ("decoder", "full", "lora")
 """decoder: image encoder frozen, embeddings computed once; full: every weight trains;
 lora: low-rank adapters in the image encoder's attention (micro-sam's PEFT), decoder trains."""
 
+RECIPES = ("fast", "micro-sam")
+"""fast: decoder mode only, many objects per batched decoder pass, losses on the 256 x 256 logit
+grid (backend.fast_recipe); micro-sam: micro-sam's iterative prompting step (every mode)."""
+RECIPE_DEFAULTS = {
+    # objects per image and step, prompting rounds, peak learning rate (chosen by measurement, docs/BENCHMARKS.md)
+    "fast": {"n_objects_per_batch": 16, "n_sub_iteration": 1, "lr": 1e-3},
+    "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8},
+}
+
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -39,9 +48,15 @@ class TrainConfig:
     model: str = "vit_b_lm"
     """Starting weights: a micro-sam zoo name, a checkpoint path or ``random:<type>``."""
     mode: str = "decoder"
+    recipe: str | None = None
+    """fast or micro-sam (see RECIPES); None picks fast for decoder mode, micro-sam otherwise."""
     run_name: str = ""
     """Unique per submission; generated from time, model and mode when empty."""
     epochs: int = 10
+    """Epochs to train; with ``minutes`` the most epochs that time may hold."""
+    minutes: float | None = None
+    """Time budget: training stops at the first optimiser step after this many minutes (counted
+    from the start of training, embeddings included) and the best model so far is exported."""
     lr: float | None = None
     """Peak learning rate; None picks the mode's default (see ``learning_rate``)."""
     lr_schedule: str = "cosine"
@@ -56,9 +71,11 @@ class TrainConfig:
     """A training crop contains at least this many objects."""
     samples_per_epoch: int | None = None
     """Training crops per epoch (full/lora); None = one per training image."""
-    n_objects_per_batch: int = 25
-    n_sub_iteration: int = 8
-    """Prompting rounds per step: corrective points from the error, previous logits fed back."""
+    n_objects_per_batch: int | None = None
+    """Objects per image and step; None = the recipe's default (fast 16, micro-sam 25)."""
+    n_sub_iteration: int | None = None
+    """Prompting rounds per step: corrective points from the error, previous logits fed back
+    (micro-sam) or one corrective click per round (fast); None = the recipe's default (fast 1, micro-sam 8)."""
     mask_prob: float = 0.5
     lora_rank: int = 4
     precision: str = "auto"
@@ -78,6 +95,22 @@ class TrainConfig:
         self.patch_shape = tuple(int(s) for s in self.patch_shape)  # JSON gives lists
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {', '.join(MODES)}, got '{self.mode}'")
+        if self.recipe is None:
+            self.recipe = "fast" if self.mode == "decoder" else "micro-sam"
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"recipe must be one of {', '.join(RECIPES)}, got '{self.recipe}'")
+        if self.recipe == "fast" and self.mode != "decoder":
+            raise ConfigError(
+                f"the fast recipe trains only the decoder on frozen embeddings; use --recipe micro-sam "
+                f"with --mode {self.mode}, or --mode decoder"
+            )
+        defaults = RECIPE_DEFAULTS[self.recipe]
+        if self.n_objects_per_batch is None:
+            self.n_objects_per_batch = defaults["n_objects_per_batch"]
+        if self.n_sub_iteration is None:
+            self.n_sub_iteration = defaults["n_sub_iteration"]
+        if self.minutes is not None and not self.minutes > 0:
+            raise ConfigError(f"minutes must be a time budget > 0 (e.g. 5) or empty, got {self.minutes}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
         if self.precision not in PRECISIONS:
@@ -117,9 +150,12 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """The peak learning rate: micro-sam's 1e-5 when the encoder trains, 1e-4 for the decoder alone."""
+        """The peak learning rate: the fast recipe's own default; with micro-sam's recipe, micro-sam's
+        1e-5 when the encoder trains and 1e-4 for the decoder alone."""
         if self.lr is not None:
             return self.lr
+        if self.recipe == "fast":
+            return RECIPE_DEFAULTS["fast"]["lr"]
         return 1e-4 if self.mode == "decoder" else 1e-5
 
     @property

@@ -37,6 +37,7 @@ def train_loop_per_worker(config_values: dict) -> None:
         world_size=world_size,
         progress=run.write_progress,
     )
+    run.clock = tuner.elapsed
     start = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -49,11 +50,13 @@ def train_loop_per_worker(config_values: dict) -> None:
         record = tuner.run_epoch(epoch)
         if rank != 0:
             ray.train.report(record.to_dict())
-            continue
-        with tempfile.TemporaryDirectory() as folder:
-            save_state(tuner.state(epoch), Path(folder) / _STATE_FILE)
-            ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
-        run.append_metrics(record)  # after the checkpoint is stored: a metrics line means the epoch is safe
+        else:
+            with tempfile.TemporaryDirectory() as folder:
+                save_state(tuner.state(epoch), Path(folder) / _STATE_FILE)
+                ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
+            run.append_metrics(record)  # after the checkpoint is stored: a metrics line means the epoch is safe
+        if tuner.out_of_time():  # rank 0's answer, broadcast: every rank leaves after the same epoch
+            break
     if rank == 0:
         run.export_model(tuner)
 

@@ -1,6 +1,8 @@
-"""Plain-PyTorch SAM fine-tuning with micro-sam's iterative prompting recipe.
+"""Plain-PyTorch SAM fine-tuning: micro-sam's iterative prompting recipe, or the fast decoder recipe.
 
-One optimisation step is micro-sam's own: ``SamTrainer._interactive_train_iteration``
+With ``recipe="fast"`` (decoder mode's default) a step is ``backend.fast_recipe``'s: many
+objects of one image in one batched decoder pass, losses on the decoder's logit grid.
+With ``recipe="micro-sam"`` one optimisation step is micro-sam's own: ``SamTrainer._interactive_train_iteration``
 (a point or box start, corrective points sampled from the error, previous mask logits
 fed back with probability ``mask_prob``, loss = Dice + IoU-prediction MSE), driven here
 by a loop that Ray Train (``backend.ray_train``) or a plain process can run. Nothing
@@ -35,7 +37,9 @@ from micro_sam.training.util import ConvertToSamInputs
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from backend.config import TrainConfig
+from backend import fast_recipe
 from backend.dataset import Dataset, TrainingCrops, open_dataset
+from backend.embedding_cache import EmbeddingCache, apply_umask
 from backend.models import LoadedModel, load_model, save_model_folder
 
 ProgressCallback = Callable[[int, int, int], None]
@@ -114,7 +118,8 @@ def _seeded(seed: int) -> Iterator[None]:
 class SamFineTuner:
     """Fine-tunes one SAM model on one worker (rank) of a possibly distributed run.
 
-    Lifecycle: construct (loads model and data, computes decoder-mode embeddings once),
+    Lifecycle: construct (loads model and data; decoder mode takes each embedding from the
+    dataset, else from the storage's embedding cache, else computes and caches it),
     optionally ``load_state`` to resume, then ``run_epoch`` for each epoch, then
     ``best_sam`` for the model to export. With ``world_size > 1`` a torch.distributed
     process group must already be initialised (Ray Train does it).
@@ -130,6 +135,10 @@ class SamFineTuner:
         progress: ProgressCallback | None = None,
     ) -> None:
         self.config = config
+        self._started = time.perf_counter()
+        self._elapsed_before = 0.0  # training time of earlier attempts of this run (resume)
+        self.embeddings_computed = 0
+        """Image-encoder passes this fine-tuner made (0 when every embedding came from the dataset or cache)."""
         self.device = device or resolve_device(config)
         self.rank, self.world_size = rank, world_size
         self.progress = progress
@@ -180,11 +189,18 @@ class SamFineTuner:
             self._my_train_ids = [
                 self.train_ids[(rank + k * world_size) % len(self.train_ids)] for k in range(per_rank)
             ]
+            self._cache = EmbeddingCache(config.storage, self.loaded.encoder_fingerprint)
             self._embeddings = {
                 sample_id: self._embed(sample_id) for sample_id in dict.fromkeys(self._my_train_ids + self._my_val_ids)
             }
             self.loader = None
             micro_batches = len(self._my_train_ids)
+            if config.recipe == "fast":
+                self._prepared = {
+                    sample_id: fast_recipe.prepare_image(embedding, self.dataset.labels(sample_id), self.device)
+                    for sample_id, (embedding, _) in self._embeddings.items()
+                }
+                micro_batches = self._fast_images_per_epoch
         else:
             crops = TrainingCrops(
                 self.dataset, "train", patch_shape=config.patch_shape, min_objects=config.min_objects,
@@ -203,7 +219,7 @@ class SamFineTuner:
         self.steps_per_epoch = max(1, math.ceil(micro_batches / (per_step * config.grad_accumulation)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.best: dict = {"val_loss": math.inf, "epoch": -1, "state": None}
-        self._val_prompts = self._sample_val_prompts()
+        self._val_prompts = self._sample_val_prompts() if config.recipe == "micro-sam" else {}
 
     # -- schedule -------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -217,15 +233,24 @@ class SamFineTuner:
 
     # -- data -----------------------------------------------------------------------------
     def _embed(self, sample_id: str) -> tuple[torch.Tensor, tuple[int, int]]:
-        """(1, 256, 64, 64) embedding of a whole image and SAM's input size, from the dataset or computed."""
+        """(1, 256, 64, 64) embedding of a whole image and SAM's input size: from the dataset, the cache, or computed.
+
+        Computed ones are rounded to float16 like stored ones, so a cached rerun trains on the same values.
+        """
         stored = self.dataset.embedding(sample_id, self.loaded.encoder_fingerprint)
         if stored is not None:
             array, attrs = stored
             return torch.from_numpy(array.astype(np.float32))[None].to(self.device), tuple(attrs["input_size"])
-        image = torch.from_numpy(self.dataset.sam_image(sample_id))
-        with torch.no_grad(), self._autocast():
-            embeddings, records = TrainableSAM.image_embeddings_oft(self.model, [{"image": image}])
-        return embeddings.float(), tuple(records[0]["input_size"])
+        pixels = self.dataset.sam_image(sample_id)
+        cached = self._cache.get(pixels)
+        if cached is None:
+            with torch.no_grad(), self._autocast():
+                embeddings, records = TrainableSAM.image_embeddings_oft(self.model, [{"image": torch.from_numpy(pixels)}])
+            self.embeddings_computed += 1
+            cached = (embeddings[0].float().cpu().numpy().astype(np.float16), tuple(records[0]["input_size"]))
+            self._cache.put(pixels, *cached)
+        array, input_size = cached
+        return torch.from_numpy(array.astype(np.float32))[None].to(self.device), input_size
 
     def _whole_image(self, sample_id: str, with_pixels: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """A (1, 3, H, W) image batch and its (1, 1, H, W) labels (kept in memory after the first read)."""
@@ -268,18 +293,16 @@ class SamFineTuner:
         accumulate = self.config.grad_accumulation * (self.config.batch_size if self.loader is None else 1)
         loss_sum, micro_count, samples, step = 0.0, 0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
-        for x, y, sample_id in self._train_micro_batches(epoch):
-            if sample_id is not None:
-                self.model.step_embeddings = self._embeddings[sample_id]
-            with self._autocast():
-                loss = self.step._interactive_train_iteration(x, y)[0]
-            self.scaler.scale(loss / accumulate).backward()
+        micro_steps = self._fast_micro_steps if self.config.recipe == "fast" else self._micro_sam_micro_steps
+        for loss, count in micro_steps(epoch, accumulate):
             self.step._iteration += 1
-            loss_sum += float(loss.detach())
+            loss_sum += loss
             micro_count += 1
-            samples += x.shape[0]
+            samples += count
             if micro_count % accumulate == 0:
                 step = self._optimizer_step(epoch, step)
+                if self.out_of_time():
+                    break
         if micro_count % accumulate:
             self._optimizer_step(epoch, step)
         train_seconds = time.perf_counter() - start
@@ -299,6 +322,47 @@ class SamFineTuner:
         if record.val_loss < self.best["val_loss"]:
             self.best = {"val_loss": record.val_loss, "epoch": epoch, "state": self._trainable_state()}
         return record
+
+    def _micro_sam_micro_steps(self, epoch: int, accumulate: int) -> Iterator[tuple[float, int]]:
+        """micro-sam's step on each micro-batch (forward and backward); yields (loss, samples)."""
+        for x, y, sample_id in self._train_micro_batches(epoch):
+            if sample_id is not None:
+                self.model.step_embeddings = self._embeddings[sample_id]
+            with self._autocast():
+                loss = self.step._interactive_train_iteration(x, y)[0]
+            self.scaler.scale(loss / accumulate).backward()
+            yield float(loss.detach()), x.shape[0]
+
+    def _fast_micro_steps(self, epoch: int, accumulate: int) -> Iterator[tuple[float, int]]:
+        """The fast recipe on one image per micro-batch (forward and backward); yields (loss, objects)."""
+        generator = torch.Generator(self.device).manual_seed(self.config.seed * 100_003 + epoch * 101 + self.rank)
+        order = fast_recipe.epoch_order(len(self._my_train_ids), self._fast_images_per_epoch, generator.initial_seed())
+        for index in order:
+            with self._autocast():
+                yield fast_recipe.train_image(
+                    self.model.sam, self._prepared[self._my_train_ids[index]], n_objects=self.config.n_objects_per_batch,
+                    rounds=self.config.n_sub_iteration, generator=generator, loss_scale=1 / accumulate,
+                )
+
+    @property
+    def _fast_images_per_epoch(self) -> int:
+        return math.ceil((self.config.samples_per_epoch or len(self.train_ids)) / self.world_size)
+
+    # -- time budget ----------------------------------------------------------------------
+    def elapsed(self) -> float:
+        """Seconds this run has trained (model and data set-up included), over all its attempts."""
+        return self._elapsed_before + time.perf_counter() - self._started
+
+    def out_of_time(self) -> bool:
+        """Whether ``minutes`` has passed; every rank gets rank 0's answer, so all stop at the same step."""
+        if self.config.minutes is None:
+            return False
+        over = self.elapsed() >= self.config.minutes * 60
+        if self.world_size > 1:
+            flag = torch.tensor([float(over)], device=self.device)
+            dist.broadcast(flag, src=0)
+            over = bool(flag.item())
+        return over
 
     def _optimizer_step(self, epoch: int, step: int) -> int:
         """Average gradients over ranks, update, report progress; returns the step count after it."""
@@ -344,10 +408,18 @@ class SamFineTuner:
     def validate(self) -> tuple[float, float]:
         """Mean loss and mean object IoU on the val split (whole images), same prompts every epoch.
 
-        Prompts cycle as in micro-sam's validation: single point, box, points, box + points.
-        IoU is that of the mask the model ranks best against the true object.
+        micro-sam recipe: prompts cycle as in micro-sam's validation: single point, box, points,
+        box + points; IoU is that of the mask the model ranks best against the true object.
+        Fast recipe: every object once with its box and once with its single centre point, as
+        evaluation prompts them, scored on the logit grid; the loss and IoU average both.
         """
         self.model.eval()
+        if self.config.recipe == "fast":
+            sums = [0.0, 0.0, 0.0, 0]
+            for sample_id in self._my_val_ids:
+                sums = [a + b for a, b in zip(sums, fast_recipe.validate_image(self.model.sam, self._prepared[sample_id]))]
+            loss, box_iou, point_iou, objects = self._sum_over_ranks(sums)
+            return loss / max(objects, 1), (box_iou + point_iou) / 2 / max(objects, 1)
         loss_sum, iou_sum, objects = 0.0, 0.0, 0
         for sample_id, (prompts, ids, multimask) in self._val_prompts.items():
             x, y = self._whole_image(sample_id, with_pixels=self.config.mode != "decoder")
@@ -379,6 +451,7 @@ class SamFineTuner:
         """Everything needed to resume after ``epoch``: tensors and plain values only (weights_only loadable)."""
         return {
             "epoch": epoch,
+            "elapsed_s": self.elapsed(),
             "iteration": self.step._iteration,
             "trainable": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
@@ -396,6 +469,8 @@ class SamFineTuner:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step._iteration = state["iteration"]
+        self._elapsed_before = state.get("elapsed_s", 0.0)  # states written before the time budget lack it
+        self._started = time.perf_counter()
         self.best = {"val_loss": state["best_val_loss"], "epoch": state["best_epoch"], "state": state["best"]}
         return state["epoch"] + 1
 
@@ -411,6 +486,7 @@ def save_state(state: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)
+    apply_umask(tmp)
     os.replace(tmp, path)
 
 
@@ -424,6 +500,8 @@ class RunDirectory:
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
         self.path = config.run_dir
+        self.clock: Callable[[], float] = lambda: 0.0
+        """Seconds trained so far, for ``progress.json``; the trainer sets it to its ``elapsed``."""
 
     def create(self) -> None:
         """Make the folder and write ``config.json``; fails clearly when storage is not writable."""
@@ -452,7 +530,11 @@ class RunDirectory:
             f.write(json.dumps(record.to_dict()) + "\n")
 
     def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
-        progress = {"epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch}
+        budget = self.config.minutes * 60 if self.config.minutes is not None else None
+        progress = {
+            "epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch,
+            "elapsed_s": round(self.clock(), 2), "budget_s": budget,
+        }
         _write_atomic(self.path / "progress.json", json.dumps(progress))
 
     def export_model(self, tuner: SamFineTuner) -> Path:
@@ -472,6 +554,7 @@ class RunDirectory:
 def _write_atomic(path: Path, text: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
         f.write(text)
+    apply_umask(Path(f.name))
     os.replace(f.name, path)
 
 
@@ -484,11 +567,14 @@ def train(
     """Fine-tune in this process, without Ray, and return the exported model folder.
 
     Writes the run directory like a Ray run; the per-epoch resume state goes to
-    ``<run>/resume_state.pt`` and is picked up when the same run is started again.
+    ``<run>/resume_state.pt`` and is picked up when the same run is started again. With
+    ``config.minutes`` training ends at the first optimiser step past the budget; that
+    epoch is validated and the best epoch's model exported.
     """
     run = RunDirectory(config)
     run.create()
     tuner = SamFineTuner(config, progress=run.write_progress)
+    run.clock = tuner.elapsed
     state_path = run.path / "resume_state.pt"
     start = tuner.load_state(load_state(state_path)) if resume and state_path.exists() else 0
     run.keep_metrics_before(start)
@@ -498,4 +584,6 @@ def train(
         run.append_metrics(record)
         if on_epoch is not None:
             on_epoch(record)
+        if tuner.out_of_time():
+            break
     return run.export_model(tuner)

@@ -1,0 +1,86 @@
+"""Peak resident memory of each Ray Train worker in a 2-worker decoder-mode run, at the defaults.
+
+Runs the real command line (``napari-raysam train --workers 2``, random ``vit_t``, decoder
+mode, the fast recipe's defaults) on the embedded local Ray, started for this benchmark in
+its own state folder and stopped at the end by the ids of its own processes. While it runs,
+the resident set size of every process whose command line names ``RayTrainWorker`` is read
+every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic images
+(4 train, 2 val, 30 cells each; the set the "before" figure of issue 8 was taken on) and the
+real HeLa frames (6 train, 2 val, 700 x 1100).
+
+    .venv/bin/python bench/decoder_memory.py [--epochs 3] [--datasets synthetic,hela]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+from backend.dataset import write_samples
+from common import hela_dataset, machine
+from napari_raysam import cluster as clusters
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from synthetic import cell_samples  # noqa: E402
+
+
+def worker_peaks(command: list[str]) -> dict[int, float]:
+    """Run ``command`` to its end; returns peak RSS (GB) per Ray Train worker process id."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peaks: dict[int, float] = {}
+    while process.poll() is None:
+        for candidate in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+            cmdline = " ".join(candidate.info["cmdline"] or [])
+            if "RayTrainWorker" in cmdline and candidate.info["memory_info"] is not None:
+                rss = candidate.info["memory_info"].rss / 1e9
+                peaks[candidate.info["pid"]] = max(peaks.get(candidate.info["pid"], 0.0), rss)
+        time.sleep(0.2)
+    if process.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}")
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--datasets", default="synthetic,hela")
+    args = parser.parse_args()
+    print(machine(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    os.environ["NAPARI_RAYSAM_HOME"] = str(work / "state")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    data = {}
+    if "synthetic" in args.datasets:
+        data["synthetic"] = work / "synthetic.zarr"
+        write_samples(data["synthetic"], cell_samples(4, "train", seed=1, shape=(256, 256), n_cells=30)
+                      + cell_samples(2, "val", seed=2, shape=(256, 256), n_cells=30))
+    if "hela" in args.datasets:
+        data["hela"] = hela_dataset(work / "hela")
+    result = {"machine": machine()}
+    try:
+        for name, path in data.items():
+            command = [
+                str(Path(sys.executable).parent / "napari-raysam"), "train", "--data", str(path),
+                "--storage", str(work / "runs"), "--model", "random:vit_t", "--mode", "decoder",
+                "--epochs", str(args.epochs), "--workers", "2", "--run-name", f"memory-{name}",
+            ]
+            peaks = worker_peaks(command)
+            result[name] = sorted(peaks.values(), reverse=True)
+            print(f"{name}: peak RSS per Ray Train worker (GB): {[round(p, 2) for p in result[name]]}", flush=True)
+    finally:
+        running = clusters.running_local_cluster()
+        if running is not None:
+            clusters.stop_local_cluster(running)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
