@@ -17,13 +17,15 @@ import sys
 import time
 from pathlib import Path
 
-from backend.config import MODES, ConfigError, TrainConfig
+from backend.config import MODES, RECIPES, ConfigError, TrainConfig
 from backend.dataset import DatasetError
 from backend.models import ModelError
 from napari_raysam.cluster import Cluster, ClusterError, default_cpus_per_worker
 from napari_raysam.runs import RunClient, RunError, RunUpdate, fetch_model
 
 USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, RunError, PermissionError, FileNotFoundError)
+EPOCH_CAP = 1000
+"""--epochs when only --minutes is given: time, not epochs, ends the run."""
 
 
 def _int_list(text: str) -> list[int]:
@@ -74,12 +76,24 @@ def build_parser() -> argparse.ArgumentParser:
         "on the embedded cluster, 1 on a given cluster)",
     )
     train.add_argument("--mode", choices=MODES, default="decoder")
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument(
+        "--recipe", choices=RECIPES,
+        help="fast: many objects per batched decoder pass (decoder mode's default); micro-sam: micro-sam's "
+        "iterative prompting (full/lora default)",
+    )
+    train.add_argument(
+        "--minutes", type=float, help="time budget: train this long, then export the best model (--epochs caps it)"
+    )
+    train.add_argument("--epochs", type=int, help="epochs to train (default 10; with --minutes a cap of 1000)")
     train.add_argument("--model", default="vit_b_lm", help="zoo name, checkpoint path or random:<type>")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 1e-4 decoder, 1e-5 full/lora)")
+    train.add_argument(
+        "--lr", type=float, help="peak learning rate (default: 1e-3 fast recipe; micro-sam's 1e-4 decoder, 1e-5 full/lora)"
+    )
     train.add_argument("--batch-size", type=int, default=1)
     train.add_argument("--patch-size", type=int, default=512, help="crop size for full/lora modes")
-    train.add_argument("--objects-per-batch", type=int, default=25)
+    train.add_argument(
+        "--objects-per-batch", type=int, help="objects per image and step (default: the recipe's, fast 16, micro-sam 25)"
+    )
     train.add_argument("--run-name", default="", help="unique name of this run (default: time-model-mode)")
     train.add_argument("--no-ray", action="store_true", help="train in this process without Ray")
     train.add_argument("--detach", action="store_true", help="submit and return; follow later with `runs follow`")
@@ -118,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("demo_output"))
     demo.add_argument("--model", help="starting model (default: the best one available)")
     demo.add_argument("--mode", choices=MODES, default="decoder")
-    demo.add_argument("--epochs", type=int, default=4)
+    demo.add_argument("--minutes", type=float, help="training time budget (default: the demo's 3 minutes)")
     demo.add_argument("--workers", type=int, default=1)
     _add_cluster_args(demo)
     return parser
@@ -156,8 +170,10 @@ def _train(args: argparse.Namespace) -> int:
         storage=str(Path(args.storage).resolve()),
         model=args.model,
         mode=args.mode,
+        recipe=args.recipe,
+        minutes=args.minutes,
         run_name=args.run_name,
-        epochs=args.epochs,
+        epochs=args.epochs or (EPOCH_CAP if args.minutes else 10),
         lr=args.lr,
         batch_size=args.batch_size,
         patch_shape=(args.patch_size, args.patch_size),
@@ -234,7 +250,7 @@ def _run(args: argparse.Namespace) -> int:
         from napari_raysam.demo import run_demo
 
         run_demo(
-            args.output, model=args.model, mode=args.mode, epochs=args.epochs, workers=args.workers,
+            args.output, model=args.model, mode=args.mode, minutes=args.minutes, workers=args.workers,
             cluster=resolve_cluster(args.address, args.token),
         )
         return 0
