@@ -61,10 +61,9 @@ def main() -> int:
     import napari
     from qtpy.QtCore import QEventLoop, QTimer
 
-    from napari_raysam.annotator.image_source import content_key
     from napari_raysam.demo import hela_frames
     from napari_raysam.finetune import FinetuneSettings
-    from napari_raysam.widgets.annotator import AnnotatorWidget
+    from napari_raysam.widgets.annotator import COMMITTED_LAYER, AnnotatorWidget
     from napari_raysam.widgets.finetune import FinetuneWidget
 
     def wait(condition, timeout=900.0) -> None:
@@ -86,13 +85,16 @@ def main() -> int:
     annotator.layout_combo.setCurrentIndex(0)  # slices
     annotator.load_model(args.model)
     wait(lambda: not annotator.busy and annotator.model_source == args.model)
+    print(f"annotating {args.frames} frames (embeddings by the annotator) ...", flush=True)
     for z in range(args.frames):  # the user's annotation: embeddings by the annotator, reference objects committed
         viewer.dims.set_current_step(0, z)
         wait(lambda: not annotator.busy)
         annotator.compute_embeddings()
         wait(lambda: not annotator.busy and annotator._plane_index == (z,))
-        annotator.store.save(content_key(annotator._channels.plane((z,))), masks[z])
+        viewer.layers[COMMITTED_LAYER].data = masks[z].copy()  # as if every reference object was committed
+        annotator._autosave()
 
+    print("opening the fine-tune dock ...", flush=True)
     opened = time.perf_counter()
     dock = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Fine-tune")
@@ -130,9 +132,11 @@ def main() -> int:
     last_beat[0] = time.perf_counter()
     heartbeat.start()
     sampler.start()
+    print("clicking Fine-tune on cluster ...", flush=True)
     click = time.perf_counter()
     dock.finetune_button.click()
-    wait(lambda: "loaded" in marks or (dock.last_update is not None and dock.last_update.state.value == "failed"))
+    failed = lambda: dock.last_update is not None and dock.last_update.state.value in ("failed", "stopped")  # noqa: E731
+    wait(lambda: "loaded" in marks or failed() or (dock._task is None and dock.run_name is None))
     heartbeat.stop()
     sampler.stop()
     if "loaded" not in marks:

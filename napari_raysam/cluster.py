@@ -240,6 +240,8 @@ def local_cluster_processes(cluster: Cluster) -> list[psutil.Process]:
     markers = [m for m in (cluster.temp_dir, cluster.gcs_address) if m]
     found: dict[int, psutil.Process] = {}
     for process in psutil.process_iter(["cmdline"]):
+        if process.pid == os.getpid():  # the caller's own command line may name the folder too
+            continue
         try:
             if any(m in part for part in process.info["cmdline"] or () for m in markers):
                 found[process.pid] = process

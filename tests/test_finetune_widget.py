@@ -114,7 +114,7 @@ def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(dock
 
 def test_cancel_stops_the_run_and_leaves_the_annotations(docks, qtbot, tmp_path):
     viewer, annotator, dock = docks
-    dock.epochs_spin.setValue(500)
+    dock.form.epochs_spin.setValue(500)
     click(qtbot, dock.finetune_button)
     qtbot.waitUntil(lambda: dock.last_update is not None, timeout=120_000)
     click(qtbot, dock.cancel_button)
@@ -135,7 +135,7 @@ def test_cancel_stops_the_run_and_leaves_the_annotations(docks, qtbot, tmp_path)
 )
 def test_failures_are_one_plain_line(docks, qtbot, field, value, message):
     viewer, annotator, dock = docks
-    getattr(dock, field).setText(value)
+    getattr(dock.form, field).setText(value)
     dock.client = None  # the fields changed: connect again
     click(qtbot, dock.finetune_button)
     qtbot.waitUntil(lambda: dock._task is None, timeout=60_000)
@@ -148,7 +148,7 @@ def test_a_failing_job_says_why(docks, qtbot, tmp_path):
     viewer, annotator, dock = docks
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    dock.model_edit.setText(str(broken))
+    dock.form.model_edit.setText(str(broken))
     click(qtbot, dock.finetune_button)
     assert wait_until_ended(qtbot, dock) == RunState.FAILED
     assert f"run '{dock.run_name}' failed" in dock.status.text()
@@ -157,7 +157,7 @@ def test_a_failing_job_says_why(docks, qtbot, tmp_path):
 
 def test_closing_and_reopening_the_dock_finds_the_run(docks, qtbot, tmp_path):
     viewer, annotator, dock = docks
-    dock.epochs_spin.setValue(500)
+    dock.form.epochs_spin.setValue(500)
     click(qtbot, dock.finetune_button)
     qtbot.waitUntil(lambda: dock.last_update is not None, timeout=120_000)
     name = dock.run_name

@@ -18,28 +18,21 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QCheckBox,
-    QComboBox,
-    QDoubleSpinBox,
-    QFormLayout,
     QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
-    QSpinBox,
     QTableWidget,
     QTableWidgetItem,
-    QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
-from backend.config import MODES, ConfigError
+from backend.config import ConfigError
 from backend.dataset import DatasetError
 from backend.models import ModelError
 from napari_raysam.cluster import ClusterError
@@ -47,6 +40,7 @@ from napari_raysam.finetune import FinetuneError, FinetuneSettings, Submission, 
 from napari_raysam.runs import RunClient, RunError, RunRecord, RunState, RunUpdate, run_history
 from napari_raysam.runs.progress import progress_fraction, progress_text, summary_text
 from napari_raysam.widgets.annotator import AnnotatorWidget, annotator_for
+from napari_raysam.widgets.finetune_form import SettingsForm
 
 log = logging.getLogger(__name__)
 
@@ -93,66 +87,8 @@ class FinetuneWidget(QWidget):
         outer.setContentsMargins(0, 0, 0, 0)
         outer.addWidget(scroll)
         layout = QVBoxLayout(content)
-        cluster_box = QGroupBox("Cluster")
-        form = QFormLayout(cluster_box)
-        self.address_edit = QLineEdit(settings.address, placeholderText="empty: a local Ray on this computer",
-                                      toolTip="Ray dashboard address of the cluster, e.g. http://head:8265")
-        form.addRow("Address", self.address_edit)
-        self.token_edit = QLineEdit(echoMode=QLineEdit.EchoMode.Password, placeholderText="from RAY_AUTH_TOKEN or ~/.ray/auth_token",
-                                    toolTip="The cluster's Ray auth token (never saved); empty: the environment or token file")
-        form.addRow("Token", self.token_edit)
-        self.storage_edit = QLineEdit(settings.storage, placeholderText=str(settings.storage_path),
-                                      toolTip="Folder for the run folders; on a cluster, storage every node can reach")
-        form.addRow("Storage", self.storage_edit)
-        layout.addWidget(cluster_box)
-
-        training_box = QGroupBox("Training")
-        form = QFormLayout(training_box)
-        self.dataset_edit = QLineEdit(settings.dataset, placeholderText=str(settings.dataset_path),
-                                      toolTip="Dataset the annotations are exported to (each image once)")
-        form.addRow("Dataset", self.dataset_edit)
-        self.model_edit = QLineEdit(settings.base_model, placeholderText="the annotator's model",
-                                    toolTip="Model to fine-tune; empty: the model loaded in the SAM annotator")
-        form.addRow("Base model", self.model_edit)
-        self.mode_combo = QComboBox(toolTip="decoder: fast, keeps the image encoder (embeddings stay valid); "
-                                            "full / lora: also adapt the image encoder (slow without a GPU)")
-        self.mode_combo.addItems(MODES)
-        self.mode_combo.setCurrentText(settings.mode)
-        form.addRow("Mode", self.mode_combo)
-        self.epochs_spin = QSpinBox(minimum=1, maximum=1000, value=settings.epochs, toolTip="Passes over the annotated images")
-        self.minutes_spin = QDoubleSpinBox(minimum=0, maximum=24 * 60, value=settings.minutes, decimals=1, suffix=" min",
-                                           specialValueText="no limit", toolTip="Stop after this long and keep the best model")
-        row = QHBoxLayout()
-        row.addWidget(self.epochs_spin)
-        row.addWidget(QLabel("at most"))
-        row.addWidget(self.minutes_spin)
-        form.addRow("Epochs", row)
-        self.workers_spin = QSpinBox(minimum=1, maximum=64, value=settings.workers, toolTip="Ray Train workers (data parallel)")
-        self.gpu_spin = QSpinBox(minimum=0, maximum=1, value=settings.gpus_per_worker, toolTip="GPUs per worker (0: CPU)")
-        row = QHBoxLayout()
-        row.addWidget(self.workers_spin)
-        row.addWidget(QLabel("GPU each"))
-        row.addWidget(self.gpu_spin)
-        form.addRow("Workers", row)
-        self.advanced_button = QToolButton(text="Advanced", checkable=True, arrowType=Qt.ArrowType.RightArrow,
-                                           toolButtonStyle=Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.advanced_box = QWidget(visible=False)
-        advanced = QFormLayout(self.advanced_box)
-        advanced.setContentsMargins(12, 0, 0, 0)
-        self.lr_edit = QLineEdit(f"{settings.lr:g}" if settings.lr else "", placeholderText="recipe default",
-                                 toolTip="Peak learning rate, e.g. 1e-4")
-        advanced.addRow("Learning rate", self.lr_edit)
-        self.objects_spin = QSpinBox(minimum=0, maximum=256, value=settings.objects_per_batch, specialValueText="recipe default",
-                                     toolTip="Objects per image in each training step")
-        advanced.addRow("Objects per step", self.objects_spin)
-        self.advanced_button.toggled.connect(self.advanced_box.setVisible)
-        self.advanced_button.toggled.connect(lambda on: self.advanced_button.setArrowType(
-            Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow))
-        form.addRow(self.advanced_button)
-        form.addRow(self.advanced_box)
-        self.load_when_done = QCheckBox("Load the new model into the annotator when done", checked=settings.load_when_done)
-        form.addRow(self.load_when_done)
-        layout.addWidget(training_box)
+        self.form = SettingsForm(settings)
+        layout.addWidget(self.form)
 
         row = QHBoxLayout()
         self.finetune_button = QPushButton("Fine-tune on cluster", toolTip="Export what is new, train, follow the run")
@@ -232,20 +168,10 @@ class FinetuneWidget(QWidget):
     # ------------------------------------------------------------------ settings
     def current_settings(self) -> FinetuneSettings:
         """The fields as settings (raises FinetuneError for a value that is not a number)."""
-        try:
-            lr = float(self.lr_edit.text()) if self.lr_edit.text().strip() else 0.0
-        except ValueError:
-            raise FinetuneError(f"the learning rate '{self.lr_edit.text()}' is not a number (e.g. 1e-4)") from None
-        return FinetuneSettings(
-            address=self.address_edit.text().strip(), storage=self.storage_edit.text().strip(),
-            dataset=self.dataset_edit.text().strip(), base_model=self.model_edit.text().strip(),
-            mode=self.mode_combo.currentText(), epochs=self.epochs_spin.value(), minutes=self.minutes_spin.value(),
-            workers=self.workers_spin.value(), gpus_per_worker=self.gpu_spin.value(), lr=lr,
-            objects_per_batch=self.objects_spin.value(), load_when_done=self.load_when_done.isChecked(),
-        )
+        return self.form.settings()
 
     def _show_annotator_model(self, source: str) -> None:
-        self.model_edit.setPlaceholderText(f"the annotator's model ({source})")
+        self.form.model_edit.setPlaceholderText(f"the annotator's model ({source})")
         if source == self._loading:
             self._say(f"the annotator now uses {Path(source).parent.name}'s model")
             self._loading = None
@@ -297,7 +223,7 @@ class FinetuneWidget(QWidget):
         settings.save()
         annotator = self.annotator()
         images, model, embeddings = annotator.annotated_images(), annotator.model_source, annotator.embedding_source()
-        token, cluster = self.token_edit.text() or None, self.client.cluster if self._same_cluster(settings) else None
+        token, cluster = self.form.token(), self.client.cluster if self._same_cluster(settings) else None
         self._clicked = time.monotonic()
         self._run_task(
             "exporting the annotations and submitting…",
@@ -354,7 +280,7 @@ class FinetuneWidget(QWidget):
             settings = self.current_settings()
         except FinetuneError:
             settings = FinetuneSettings()
-        token = self.token_edit.text() or None
+        token = self.form.token()
 
         def connect():
             client = RunClient(open_cluster(settings.address, token))
@@ -403,7 +329,7 @@ class FinetuneWidget(QWidget):
         self.refresh_history()
         if update.state == RunState.SUCCEEDED:
             self._pending_model = update.model
-            if self.load_when_done.isChecked():
+            if self.form.load_when_done.isChecked():
                 self._load_model(update.model)
             else:
                 self._say(f"run {self.run_name} succeeded: Load model puts it into the annotator")
