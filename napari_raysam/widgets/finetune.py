@@ -135,6 +135,7 @@ class FinetuneWidget(QWidget):
                                           selectionMode=QAbstractItemView.SelectionMode.SingleSelection)
         self.history_table.setHorizontalHeaderLabels(_HISTORY_COLUMNS)
         self.history_table.verticalHeader().setVisible(False)
+        self.history_table.setTextElideMode(Qt.TextElideMode.ElideLeft)  # run names share their date prefix
         self.history_table.setMaximumHeight(130)
         history.addWidget(self.history_table)
         row = QHBoxLayout()
@@ -376,6 +377,7 @@ class FinetuneWidget(QWidget):
                 item.setToolTip(str(record.model or f"{record.run_dir} (no model)"))
                 self.history_table.setItem(row, column, item)
         self.history_table.resizeColumnsToContents()
+        self.history_table.setColumnWidth(0, min(self.history_table.columnWidth(0), 150))  # the full name is the tooltip
         self._update_buttons()
 
     def _load_selected(self) -> None:

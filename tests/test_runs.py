@@ -1,0 +1,83 @@
+"""The run client's Qt-free parts: lifecycle, incremental reading of run files, history, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from napari_raysam.finetune import FinetuneError, FinetuneSettings
+from napari_raysam.runs import MetricsReader, RunLifecycle, RunState, RunUpdate, fetch_model, run_history
+from napari_raysam.runs.progress import progress_fraction, progress_text
+from napari_raysam.runs.state import state_of_job
+
+
+def epoch_line(epoch: int, val_loss: float, val_iou: float) -> str:
+    return json.dumps({"epoch": epoch, "train_loss": 1.0, "val_loss": val_loss, "val_iou": val_iou,
+                       "lr": 1e-3, "samples_per_s": 1.0, "elapsed_s": 3.0}) + "\n"
+
+
+def test_a_run_only_moves_forward_and_an_ended_run_stays_ended():
+    run = RunLifecycle()
+    assert run.advance(state_of_job("RUNNING")) and run.state == RunState.RUNNING
+    assert not run.advance(RunState.PENDING)  # a stale report after a reconnect
+    assert run.advance(RunState.STOPPED) and run.state.ended
+    assert not run.advance(RunState.RUNNING) and run.state == RunState.STOPPED
+    assert RunLifecycle().advance(RunState.FAILED)  # pending runs can fail before they start
+
+
+def test_metrics_are_read_incrementally_and_a_half_written_line_waits(tmp_path):
+    reader = MetricsReader(tmp_path)
+    assert reader.read() == []
+    path = tmp_path / "metrics.jsonl"
+    line = epoch_line(0, 0.9, 0.1)
+    path.write_text(line + line[:20])  # the second line is being written
+    assert [m["epoch"] for m in reader.read()] == [0]
+    with open(path, "w") as file:
+        file.write(line + epoch_line(1, 0.8, 0.2))
+    assert [m["epoch"] for m in reader.read()] == [0, 1]
+    path.write_text(epoch_line(0, 0.7, 0.3))  # rewritten after a resume: shorter
+    assert [m["val_loss"] for m in reader.read()] == [0.7]
+
+
+def test_progress_in_words_and_as_a_fraction():
+    pending = RunUpdate(RunState.PENDING, [], None, "", 0.0)
+    assert progress_text(pending, 0) == "pending: waiting for the cluster to start it"
+    steps = {"epoch": 1, "epochs": 4, "step": 5, "steps_per_epoch": 10, "elapsed_s": 30.0, "budget_s": None}
+    running = RunUpdate(RunState.RUNNING, [], steps, "", 75.0)
+    assert progress_text(running, 75) == "running: epoch 2/4, step 5/10, 1:15"
+    assert progress_fraction(running, 75) == pytest.approx(15 / 40)
+    budget = RunUpdate(RunState.RUNNING, [], {**steps, "budget_s": 60.0}, "", 40.0)
+    assert progress_fraction(budget, 40) == pytest.approx(0.5) and "of at most 1:00" in progress_text(budget, 40)
+
+
+def test_the_history_lists_runs_newest_first_and_fetch_copies_a_model(tmp_path):
+    for name, mtime in (("older", 1_000), ("newer", 2_000)):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "config.json").write_text(json.dumps({"model": "random:vit_t", "mode": "decoder", "extra": {"images": 4}}))
+        (run / "metrics.jsonl").write_text(epoch_line(0, 0.9, 0.1) + epoch_line(1, 0.5, 0.4))
+        os.utime(run / "config.json", (mtime, mtime))
+    (tmp_path / "newer" / "model").mkdir()
+    (tmp_path / "newer" / "model" / "meta.json").write_text("{}")
+    (tmp_path / "not-a-run").mkdir()
+
+    records = run_history(tmp_path)
+    assert [r.name for r in records] == ["newer", "older"]
+    assert records[0].val_iou == 0.4 and records[0].images == 4 and records[0].model is not None
+    assert records[1].model is None
+    assert (fetch_model(tmp_path / "newer", tmp_path / "copy") / "meta.json").exists()
+    with pytest.raises(FileNotFoundError, match="has no model yet"):
+        fetch_model(tmp_path / "older", tmp_path / "copy2")
+
+
+def test_settings_persist_without_the_token_and_bad_values_are_refused(tmp_path):
+    FinetuneSettings(address="http://head:8265", epochs=3, minutes=5).save(tmp_path / "s.json")
+    loaded = FinetuneSettings.load(tmp_path / "s.json")
+    assert (loaded.address, loaded.epochs, loaded.minutes) == ("http://head:8265", 3, 5)
+    assert "token" not in (tmp_path / "s.json").read_text()
+    (tmp_path / "broken.json").write_text("{")
+    assert FinetuneSettings.load(tmp_path / "broken.json") == FinetuneSettings()
+    with pytest.raises(FinetuneError, match="mode must be"):
+        FinetuneSettings(mode="everything")
