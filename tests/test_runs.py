@@ -81,3 +81,53 @@ def test_settings_persist_without_the_token_and_bad_values_are_refused(tmp_path)
     assert FinetuneSettings.load(tmp_path / "broken.json") == FinetuneSettings()
     with pytest.raises(FinetuneError, match="mode must be"):
         FinetuneSettings(mode="everything")
+
+
+class _FlakyJobs:
+    """A Jobs API stand-in whose status requests fail ``drops`` times (a dropped connection) first."""
+
+    def __init__(self, run_dir, drops: int) -> None:
+        import requests
+
+        self.error, self.drops, self.calls = requests.exceptions.ConnectionError("connection reset"), drops, 0
+        self.run_dir = run_dir
+
+    def _job(self, status: str):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(
+            submission_id="r1", status=status, message="", start_time=1_000, end_time=None,
+            metadata={"app": "napari-raysam", "run_name": "r1", "run_dir": str(self.run_dir), "mode": "decoder"},
+        )
+
+    def list_jobs(self):
+        return [self._job("RUNNING")]
+
+    def get_job_info(self, job_id):
+        self.calls += 1
+        if self.calls <= self.drops:
+            raise self.error
+        return self._job("SUCCEEDED")
+
+    async def tail_job_logs(self, job_id):
+        yield "training...\n"
+
+
+def test_following_survives_a_dropped_connection(tmp_path, monkeypatch):
+    from napari_raysam.cluster import Cluster
+    from napari_raysam.runs import RunClient, RunError
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "meta.json").write_text("{}")
+    monkeypatch.setattr("napari_raysam.runs.client.time.sleep", lambda seconds: None)
+    jobs = _FlakyJobs(tmp_path, drops=2)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
+    updates = list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1"))
+    assert [u.message for u in updates[:2]] == [f"lost the connection to the cluster; retrying ({k}/30)" for k in (1, 2)]
+    assert updates[-1].state == RunState.SUCCEEDED and updates[-1].model == tmp_path / "model"
+    assert "training..." in "".join(u.new_log for u in updates)
+
+    jobs = _FlakyJobs(tmp_path, drops=100)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
+    with pytest.raises(RunError, match="the run goes on there: follow it again"):
+        list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1", retries=3))

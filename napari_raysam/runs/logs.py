@@ -76,9 +76,10 @@ class LogTail:
         loop = asyncio.new_event_loop()
         self._loop = loop
         try:
+            if self._closing.is_set():  # closed before the thread got here
+                return
             self._task = loop.create_task(self._pump())
-            if not self._closing.is_set():
-                loop.run_until_complete(self._task)
+            loop.run_until_complete(self._task)  # a cancel() from close() queued meanwhile runs in here
         except asyncio.CancelledError:
             pass
         finally:
