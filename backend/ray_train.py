@@ -19,13 +19,17 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from backend.config import TrainConfig
-from backend.training import RunDirectory, SamFineTuner, load_state, save_state
+from backend.run_directory import RunDirectory
 
 _STATE_FILE = "state.pt"
 
 
 def train_loop_per_worker(config_values: dict) -> None:
     """One Ray Train worker: resume if a checkpoint exists, train the remaining epochs, export."""
+    # Imported here, in the worker: the driver and Ray Train's controller only pass this function
+    # around, and the trainer's imports (micro-sam, segment-anything) cost each process seconds.
+    from backend.training import SamFineTuner, load_state, save_state
+
     config = TrainConfig.from_dict(config_values)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -46,6 +50,10 @@ def train_loop_per_worker(config_values: dict) -> None:
         print(f"rank {rank}: resuming after epoch {start - 1} from {checkpoint.path}", flush=True)
     if rank == 0:
         run.keep_metrics_before(start)
+    if start == 0:
+        baseline = tuner.validate()  # every rank: validation sums over ranks
+        if rank == 0:
+            run.write_baseline(*baseline)
     for epoch in range(start, config.epochs):
         record = tuner.run_epoch(epoch)
         if rank != 0:

@@ -16,11 +16,9 @@ DDP's reducer does not support.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -40,7 +38,8 @@ from backend.config import TrainConfig
 from backend import fast_recipe
 from backend.dataset import Dataset, TrainingCrops, open_dataset
 from backend.embedding_cache import EmbeddingCache, apply_umask
-from backend.models import LoadedModel, load_model, save_model_folder
+from backend.models import LoadedModel, load_model
+from backend.run_directory import RunDirectory
 
 ProgressCallback = Callable[[int, int, int], None]
 """progress(epoch, step, steps_per_epoch), called on rank 0 after every optimiser step."""
@@ -494,70 +493,6 @@ def load_state(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class RunDirectory:
-    """Writes contract 2: ``config.json``, ``metrics.jsonl``, ``progress.json`` and ``model/``."""
-
-    def __init__(self, config: TrainConfig) -> None:
-        self.config = config
-        self.path = config.run_dir
-        self.clock: Callable[[], float] = lambda: 0.0
-        """Seconds trained so far, for ``progress.json``; the trainer sets it to its ``elapsed``."""
-
-    def create(self) -> None:
-        """Make the folder and write ``config.json``; fails clearly when storage is not writable."""
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.path / "config.json", self.config.to_json())
-        except OSError as error:
-            raise PermissionError(
-                f"cannot write the run directory {self.path}: {error.strerror}. "
-                "Pick a --storage folder you can write to (on a cluster: storage every node can reach)."
-            ) from error
-
-    def metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-    def keep_metrics_before(self, epoch: int) -> None:
-        """After a resume, drop lines of epochs that are trained again."""
-        kept = [m for m in self.metrics() if m["epoch"] < epoch]
-        _write_atomic(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
-
-    def append_metrics(self, record: EpochRecord) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record.to_dict()) + "\n")
-
-    def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
-        budget = self.config.minutes * 60 if self.config.minutes is not None else None
-        progress = {
-            "epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch,
-            "elapsed_s": round(self.clock(), 2), "budget_s": budget,
-        }
-        _write_atomic(self.path / "progress.json", json.dumps(progress))
-
-    def export_model(self, tuner: SamFineTuner) -> Path:
-        metrics = self.metrics()
-        best = {"best_epoch": tuner.best["epoch"], "best_val_loss": tuner.best["val_loss"]}
-        return save_model_folder(
-            tuner.best_sam(), self.path / "model",
-            model_type=tuner.loaded.model_type,
-            base_model=self.config.model,
-            mode=self.config.mode,
-            dataset_fingerprint=tuner.dataset.fingerprint(),
-            metrics={**best, "epochs": metrics},
-            config=self.config.to_dict(),
-        )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=f".{path.name}.") as f:
-        f.write(text)
-    apply_umask(Path(f.name))
-    os.replace(f.name, path)
-
-
 def train(
     config: TrainConfig,
     *,
@@ -578,6 +513,8 @@ def train(
     state_path = run.path / "resume_state.pt"
     start = tuner.load_state(load_state(state_path)) if resume and state_path.exists() else 0
     run.keep_metrics_before(start)
+    if start == 0:
+        run.write_baseline(*tuner.validate())
     for epoch in range(start, config.epochs):
         record = tuner.run_epoch(epoch)
         save_state(tuner.state(epoch), state_path)

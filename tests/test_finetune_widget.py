@@ -87,7 +87,7 @@ def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(dock
     assert "the annotator now uses" in dock.status.text()
     assert annotator.session.image_shape is not None  # same image encoder: the embeddings were kept
     assert len(dock.curves["val_iou"].getData()[0]) == 2  # one point per epoch
-    assert "validation: IoU" in dock.result_label.text()
+    assert "before training ->" in dock.result_label.text()  # the base model's validation, then the kept epoch's
     qtbot.waitUntil(lambda: dock.history_table.rowCount() == 1)
     assert dock.history_table.item(0, 0).text() == dock.run_name and dock.history_table.item(0, 4).text() == "3"
 

@@ -22,7 +22,7 @@ from ray.job_submission import JobSubmissionClient
 import backend
 from backend.config import TrainConfig
 from napari_raysam.cluster import Cluster, ClusterError
-from napari_raysam.runs.files import CONFIG_FILE, MetricsReader, model_folder, read_progress
+from napari_raysam.runs.files import CONFIG_FILE, MetricsReader, model_folder, read_baseline, read_progress
 from napari_raysam.runs.logs import LogTail
 from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
 
@@ -74,6 +74,8 @@ class RunUpdate:
     """The exported model folder, once the run succeeded."""
     message: str = ""
     """Why it failed, or a note on the connection (lost, retrying)."""
+    baseline: dict | None = None
+    """Once ended: the base model's validation before training (``val_loss``, ``val_iou``)."""
 
 
 class RunClient:
@@ -212,6 +214,7 @@ class RunClient:
                     elapsed_s=_elapsed(details.start_time, details.end_time),
                     model=model,
                     message=message,
+                    baseline=read_baseline(run.run_dir) if lifecycle.state.ended else None,
                 )
                 key = (update.state, len(update.metrics), json.dumps(update.progress))
                 if update.new_log or key != last or lifecycle.state.ended:

@@ -19,6 +19,7 @@ from backend.atomic import staging_folder
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 PROGRESS_FILE = "progress.json"
+BASELINE_FILE = "baseline.json"
 MODEL_FOLDER = "model"
 MODEL_META = "meta.json"
 
@@ -60,6 +61,14 @@ def read_progress(run_dir: Path) -> dict | None:
     """``progress.json`` (epoch, epochs, step, steps_per_epoch, ...), or None before the first step."""
     try:
         return json.loads((Path(run_dir) / PROGRESS_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def read_baseline(run_dir: Path) -> dict | None:
+    """``baseline.json``: the base model's ``val_loss`` and ``val_iou`` before training, or None."""
+    try:
+        return json.loads((Path(run_dir) / BASELINE_FILE).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 

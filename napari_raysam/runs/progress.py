@@ -43,13 +43,14 @@ def progress_text(update: RunUpdate, elapsed_s: float) -> str:
     )
 
 
-def summary_text(metrics: list[dict]) -> str:
-    """Before/after on the validation images: the first epoch against the best (kept) one."""
+def summary_text(metrics: list[dict], baseline: dict | None = None) -> str:
+    """Before/after on the validation images: the base model (or, without a baseline, the first
+    epoch) against the epoch whose model is kept (the lowest val loss)."""
     if not metrics:
         return "no epoch finished"
-    first = metrics[0]
     best = min(metrics, key=lambda line: line["val_loss"])
+    before, when = (baseline, "before training") if baseline else (metrics[0], f"after epoch {metrics[0]['epoch'] + 1}")
     return (
-        f"validation: IoU {first['val_iou']:.3f} after epoch {first['epoch'] + 1} -> {best['val_iou']:.3f} "
-        f"(kept: epoch {best['epoch'] + 1}); loss {first['val_loss']:.3f} -> {best['val_loss']:.3f}"
+        f"validation: IoU {before['val_iou']:.3f} {when} -> {best['val_iou']:.3f} (kept: epoch {best['epoch'] + 1}); "
+        f"loss {before['val_loss']:.3f} -> {best['val_loss']:.3f}"
     )

@@ -51,18 +51,19 @@ from napari_raysam.annotator.image_source import (
     stack_index,
 )
 from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
-from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, Prompts, prompts_from_layers
+from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
+from napari_raysam.widgets.annotator_layers import (
+    AUTOMATIC_LAYER,
+    BOXES_LAYER,
+    COMMITTED_LAYER,
+    CURRENT_LAYER,
+    POINTS_LAYER,
+    AnnotatorLayers,
+)
 
 log = logging.getLogger(__name__)
 
-POINTS_LAYER = "SAM point prompts"
-BOXES_LAYER = "SAM box prompts"
-CURRENT_LAYER = "SAM current object"
-COMMITTED_LAYER = "SAM committed objects"
-AUTOMATIC_LAYER = "SAM automatic segmentation"
-
-_PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
 _NO_CHANNEL = "—"
 _ALL_CHANNEL_LAYERS = "channel layers: "  # prefix of the entry that combines same-shaped layers
 _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long
@@ -135,6 +136,7 @@ class AnnotatorWidget(QWidget):
         self._autosave_timer = QTimer(self, singleShot=True, interval=_AUTOSAVE_DELAY_MS)
         self._autosave_timer.timeout.connect(self._autosave)
 
+        self.layers = AnnotatorLayers(napari_viewer, on_created=self._layer_created)
         self._build_ui()
         self._bind_keys()
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
@@ -522,62 +524,22 @@ class AnnotatorWidget(QWidget):
 
     # ------------------------------------------------------------------ layers
     def _layer(self, name: str):
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return self.layers.get(name)
 
     def _ensure_layers(self, image: Image, committed: np.ndarray) -> None:
-        """Show ``committed`` and empty prompt and result layers, aligned with the image's last two axes.
-
-        Each layer is created once (again only if the user deleted it) and then reused: creating a
-        napari layer blocks the event loop for 70-300 ms (bench/annotator.py); replacing data costs
-        less, so only what changed is replaced.
-        """
-        placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
-        height, width = committed.shape
-        point_size = max(8, max(height, width) // 60)
-        create = {
-            COMMITTED_LAYER: lambda: self.viewer.add_labels(committed, name=COMMITTED_LAYER, **placement),
-            AUTOMATIC_LAYER: lambda: self.viewer.add_labels(
-                np.zeros((height, width), np.uint32), name=AUTOMATIC_LAYER, opacity=0.5, **placement
-            ),
-            CURRENT_LAYER: lambda: self.viewer.add_labels(
-                np.zeros((height, width), np.uint8), name=CURRENT_LAYER, opacity=0.6, **placement
-            ),
-            BOXES_LAYER: lambda: self.viewer.add_shapes(
-                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placement,
-            ),
-            POINTS_LAYER: lambda: self.viewer.add_points(
-                name=POINTS_LAYER, ndim=2, size=point_size, face_color="transparent", border_width=0.3,
-                features={"prompt": np.array([], dtype=object)}, property_choices={"prompt": [POSITIVE, NEGATIVE]},
-                border_color="prompt", border_color_cycle=_PROMPT_COLORS, **placement,
-            ),
-        }
-        for name, make in create.items():
-            layer = self._layer(name)
-            if layer is None:
-                layer = make()
-                self._bind_keys(layer)
-                if name == COMMITTED_LAYER:
-                    layer.events.paint.connect(lambda event: self._autosave_timer.start())
-                continue
-            if tuple(layer.scale) != tuple(placement["scale"]) or tuple(layer.translate) != tuple(placement["translate"]):
-                layer.scale, layer.translate = placement["scale"], placement["translate"]
-            if name == COMMITTED_LAYER and (layer.data.shape != committed.shape or layer.data.any() or committed.any()):
-                layer.data = committed
-            elif name == CURRENT_LAYER and layer.data.shape != (height, width):
-                layer.data = np.zeros((height, width), np.uint8)
-            elif name == AUTOMATIC_LAYER and (self._has_automatic or layer.data.shape != (height, width)):
-                layer.data = np.zeros((height, width), np.uint32)
-            elif name == POINTS_LAYER:
-                layer.current_size = point_size
+        self.layers.ensure(image, committed, clear_automatic=self._has_automatic)
         self._has_automatic = False
         self._set_prompt_mode(self._prompt_mode)
+
+    def _layer_created(self, name: str, layer) -> None:
+        self._bind_keys(layer)
+        if name == COMMITTED_LAYER:
+            layer.events.paint.connect(lambda event: self._autosave_timer.start())
 
     # ------------------------------------------------------------------ prompts
     def _set_prompt_mode(self, mode: str) -> None:
         self._prompt_mode = mode
-        points = self._layer(POINTS_LAYER)
-        if points is not None:
-            points.feature_defaults["prompt"] = mode
+        self.layers.set_prompt_kind(mode)
         colour = "green" if mode == POSITIVE else "red"
         self.prompt_mode_label.setText(f"Next point: <b style='color:{colour}'>{mode}</b>  [T switches]")
 
@@ -585,21 +547,12 @@ class AnnotatorWidget(QWidget):
         """Switch the next points between positive (on the object) and negative (not on it)."""
         self._set_prompt_mode(NEGATIVE if self._prompt_mode == POSITIVE else POSITIVE)
 
-    def _prompts(self) -> Prompts:
-        points_layer, boxes_layer = self._layer(POINTS_LAYER), self._layer(BOXES_LAYER)
-        has_points = points_layer is not None and len(points_layer.data)
-        return prompts_from_layers(
-            points_layer.data if has_points else np.zeros((0, 2)),
-            points_layer.features["prompt"].to_numpy() if has_points else [],
-            boxes_layer.data if boxes_layer is not None else [],
-        )
-
     def segment(self) -> None:
         """Show the object SAM proposes for the current points and box in the current-object layer."""
         if self._worker is not None or self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
-        prompts = self._prompts()
+        prompts = self.layers.prompts()
         try:
             mask = self.session.segment(prompts.points, prompts.labels, prompts.box)
         except SessionError as error:
@@ -610,13 +563,7 @@ class AnnotatorWidget(QWidget):
 
     def clear_prompts(self) -> None:
         """Drop all points, boxes and the shown object."""
-        for name in (POINTS_LAYER, BOXES_LAYER):
-            layer = self._layer(name)
-            if layer is not None and len(layer.data):
-                layer.data = []
-        current = self._layer(CURRENT_LAYER)
-        if current is not None and current.data.any():
-            current.data = np.zeros_like(current.data)
+        self.layers.clear_prompts()
 
     def commit(self) -> None:
         """Write the shown object into the committed objects with a new id, then clear the prompts."""

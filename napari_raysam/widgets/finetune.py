@@ -326,7 +326,7 @@ class FinetuneWidget(QWidget):
         self.progress_bar.setValue(int(1000 * progress_fraction(update, elapsed)))
 
     def _ended(self, update: RunUpdate) -> None:
-        self.result_label.setText(summary_text(update.metrics))
+        self.result_label.setText(summary_text(update.metrics, update.baseline))
         self.refresh_history()
         if update.state == RunState.SUCCEEDED:
             self._pending_model = update.model
