@@ -56,7 +56,8 @@ class TrainConfig:
     """Epochs to train; with ``minutes`` the most epochs that time may hold."""
     minutes: float | None = None
     """Time budget: training stops at the first optimiser step after this many minutes (counted
-    from the start of training, embeddings included) and the best model so far is exported."""
+    from the first step: loading the model and computing embeddings come before) and the best
+    model so far is exported."""
     lr: float | None = None
     """Peak learning rate; None picks the mode's default (see ``learning_rate``)."""
     lr_schedule: str = "cosine"

@@ -134,7 +134,6 @@ class SamFineTuner:
         progress: ProgressCallback | None = None,
     ) -> None:
         self.config = config
-        self._started = time.perf_counter()
         self._elapsed_before = 0.0  # training time of earlier attempts of this run (resume)
         self.embeddings_computed = 0
         """Image-encoder passes this fine-tuner made (0 when every embedding came from the dataset or cache)."""
@@ -219,6 +218,8 @@ class SamFineTuner:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.best: dict = {"val_loss": math.inf, "epoch": -1, "state": None}
         self._val_prompts = self._sample_val_prompts() if config.recipe == "micro-sam" else {}
+        # the time budget counts training, not the set-up: embeddings are computed once and then cached
+        self._started = time.perf_counter()
 
     # -- schedule -------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
@@ -349,7 +350,7 @@ class SamFineTuner:
 
     # -- time budget ----------------------------------------------------------------------
     def elapsed(self) -> float:
-        """Seconds this run has trained (model and data set-up included), over all its attempts."""
+        """Seconds this run has trained (since its set-up ended: model, data, embeddings), over all its attempts."""
         return self._elapsed_before + time.perf_counter() - self._started
 
     def out_of_time(self) -> bool:

@@ -3,8 +3,8 @@
 Runs the real command line (``napari-raysam train --workers 2``, random ``vit_t``, decoder
 mode, the fast recipe's defaults) on the embedded local Ray, started for this benchmark in
 its own state folder and stopped at the end by the ids of its own processes. While it runs,
-the resident set size of every process whose command line names ``RayTrainWorker`` is read
-every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic images
+the resident set size of every process whose command line names ``RayTrainWorker`` (of this
+benchmark's cluster only: another Ray on the machine has its own workers) is read every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic images
 (4 train, 2 val, 30 cells each; the set the "before" figure of issue 8 was taken on) and the
 real HeLa frames (6 train, 2 val, 700 x 1100).
 
@@ -32,14 +32,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from synthetic import cell_samples  # noqa: E402
 
 
+def ours(candidate: psutil.Process) -> bool:
+    """Whether a process belongs to this benchmark's cluster (it inherited our state folder), not another Ray's."""
+    try:
+        return candidate.environ().get("NAPARI_RAYSAM_HOME") == os.environ["NAPARI_RAYSAM_HOME"]
+    except (psutil.AccessDenied, psutil.NoSuchProcess):
+        return False
+
+
 def worker_peaks(command: list[str]) -> dict[int, float]:
-    """Run ``command`` to its end; returns peak RSS (GB) per Ray Train worker process id."""
+    """Run ``command`` to its end; returns peak RSS (GB) per Ray Train worker process id of our cluster."""
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     peaks: dict[int, float] = {}
     while process.poll() is None:
         for candidate in psutil.process_iter(["pid", "cmdline", "memory_info"]):
             cmdline = " ".join(candidate.info["cmdline"] or [])
-            if "RayTrainWorker" in cmdline and candidate.info["memory_info"] is not None:
+            if "RayTrainWorker" in cmdline and candidate.info["memory_info"] is not None and ours(candidate):
                 rss = candidate.info["memory_info"].rss / 1e9
                 peaks[candidate.info["pid"]] = max(peaks.get(candidate.info["pid"], 0.0), rss)
         time.sleep(0.2)
