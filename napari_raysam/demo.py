@@ -208,8 +208,8 @@ def _plot(path: Path, metrics: list[dict], test: Path, before: LoadedModel, afte
     sample = dataset.require_objects("val")[0]
     image, truth = dataset.sam_image(sample), scored_objects(dataset.labels(sample))
     figure, axes = plt.subplots(1, 4, figsize=(20, 4.6))
-    axes[0].plot([m["elapsed_s"] for m in metrics], [m["val_iou"] for m in metrics], "o-")
-    axes[0].set_xlabel("epoch end (s of training; each epoch's own time)")
+    axes[0].plot([m["epoch"] + 1 for m in metrics], [m["val_iou"] for m in metrics], "o-")
+    axes[0].set_xlabel("epoch")
     axes[0].set_ylabel("val IoU (box and point prompts)")
     axes[0].set_title("fine-tuning: val IoU per epoch")
     panels = [("ground truth", truth)] + [
