@@ -176,9 +176,10 @@ def test_nothing_annotated_is_said_plainly(make_napari_viewer, qtbot, tmp_path, 
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
     write_settings(tmp_path, ray_cluster, base_model="random:tiny")
     viewer = make_napari_viewer(show=True)
-    dock = FinetuneWidget(viewer)
-    viewer.window.add_dock_widget(dock, name="Fine-tune")
+    _, dock = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")  # what `napari -w` opens
+    assert isinstance(dock, FinetuneWidget)
     qtbot.waitUntil(lambda: dock.client is not None, timeout=120_000)
-    click(qtbot, dock.finetune_button)
+    click(qtbot, dock.finetune_button)  # opens the annotator too: the dock works through it
     qtbot.waitUntil(lambda: dock._task is None, timeout=60_000)
     assert "no committed objects" in dock.status.text()
+    assert isinstance(dock.annotator(), AnnotatorWidget)
