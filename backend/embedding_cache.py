@@ -8,17 +8,16 @@ reach (contract 2); ``$NAPARI_RAYSAM_HOME`` is the napari computer's own state.
 
 Layout: ``<cache>/<encoder fingerprint[:32]>/<sha256 of the SAM input[:32]>.npz`` holding
 ``embedding`` ``(256, 64, 64)`` float16 and ``input_size`` ``(2,)`` int; written atomically
-with the permissions the umask gives (group-readable where the umask allows).
+(``backend.atomic``: the umask's mode, group-readable where it allows).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from backend.atomic import staging_file
 from backend.dataset import content_sha256
 
 CACHE_FOLDER = "embedding-cache"
@@ -44,19 +43,8 @@ class EmbeddingCache:
 
     def put(self, sam_image: np.ndarray, embedding: np.ndarray, input_size: tuple[int, int]) -> None:
         """Store an embedding; a storage that cannot be written only loses the cache, never the run."""
-        path = self._path(sam_image)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".tmp") as f:
-                np.savez(f, embedding=embedding.astype(np.float16), input_size=np.asarray(input_size))
-            apply_umask(Path(f.name))
-            os.replace(f.name, path)
+            with staging_file(self._path(sam_image)) as staging, open(staging, "wb") as file:
+                np.savez(file, embedding=embedding.astype(np.float16), input_size=np.asarray(input_size))
         except OSError:
             return
-
-
-def apply_umask(path: Path) -> None:
-    """Give a file made by ``tempfile`` (always 0600) the mode a plain ``open`` would: 0666 less the umask."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)

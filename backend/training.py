@@ -17,7 +17,6 @@ DDP's reducer does not support.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from contextlib import contextmanager, nullcontext
@@ -37,7 +36,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from backend.config import TrainConfig
 from backend import fast_recipe
 from backend.dataset import Dataset, TrainingCrops, open_dataset
-from backend.embedding_cache import EmbeddingCache, apply_umask
+from backend.atomic import staging_file
+from backend.embedding_cache import EmbeddingCache
 from backend.models import LoadedModel, load_model
 from backend.run_directory import RunDirectory
 
@@ -483,11 +483,8 @@ class SamFineTuner:
 
 def save_state(state: dict, path: Path) -> None:
     """Write a resume state atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    apply_umask(tmp)
-    os.replace(tmp, path)
+    with staging_file(path) as staging:
+        torch.save(state, staging)
 
 
 def load_state(path: Path) -> dict:

@@ -50,7 +50,7 @@ def test_the_fast_recipe_learns_real_cells_it_never_saw(hela_crops, tmp_path):
     model = train(cfg)
     after = evaluate(str(model), held_out, automatic=False).box_iou
     print("held-out box IoU", before, after)
-    # from random weights: a few times the start (measured 0.007 -> 0.032 after 5 epochs of 12 images)
+    # from random weights: a few times the start (measured 0.0068 -> 0.0245 with these settings)
     assert after > 2 * before + 0.005, (before, after)
 
 
@@ -110,9 +110,10 @@ def test_the_micro_sam_recipe_is_micro_sams_own_step(cell_dataset, tmp_path):
     for trainer, sam in ((ours.step, ours.model), (theirs, model)):
         torch.manual_seed(3)
         np.random.seed(3)
-        loss = trainer._interactive_train_iteration(x, y)[0]
+        random.seed(3)
+        loss = trainer._interactive_train_iteration(x.clone(), y.clone())[0]
         loss.backward()
-        results.append((float(loss), sam.sam.mask_decoder.output_upscaling[0].weight.grad.clone()))
+        results.append((float(loss.detach()), sam.sam.mask_decoder.output_upscaling[0].weight.grad.clone()))
     assert results[0][0] == pytest.approx(results[1][0])
     assert torch.allclose(results[0][1], results[1][1])
 
