@@ -50,10 +50,20 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=10)
     parser.add_argument("--model", default="random:vit_t")
     args = parser.parse_args()
-
     home = Path(tempfile.mkdtemp(prefix="nrs-bench-"))
     os.environ["NAPARI_RAYSAM_HOME"] = str(home)
     separate = start_separate_cluster(home) if args.cluster == "separate" else None
+    try:
+        return round_trip(args, home, separate)
+    finally:
+        from napari_raysam.cluster import running_local_cluster, stop_local_cluster
+
+        cluster = separate or running_local_cluster()
+        if cluster is not None:
+            stop_local_cluster(cluster)  # by the ids of its own processes
+
+
+def round_trip(args: argparse.Namespace, home: Path, separate) -> int:
     address = separate.dashboard_url if separate else ""
     if separate:
         os.environ["RAY_AUTH_TOKEN"] = separate.token
@@ -168,11 +178,6 @@ def main() -> int:
     gaps.sort()
     print(f"event loop: longest gap {1000 * gaps[-1]:.0f} ms; gaps > 100 ms: {sum(g > 0.1 for g in gaps)} of {len(gaps)}")
     viewer.close()
-    from napari_raysam.cluster import running_local_cluster, stop_local_cluster
-
-    cluster = separate or running_local_cluster()
-    if cluster is not None:
-        stop_local_cluster(cluster)  # by the ids of its own processes
     return 0
 
 
