@@ -225,7 +225,6 @@ class FinetuneWidget(QWidget):
         annotator = self.annotator()
         images, model, embeddings = annotator.annotated_images(), annotator.model_source, annotator.embedding_source()
         token, cluster = self.form.token(), self.client.cluster if self._same_cluster(settings) else None
-        self._clicked = time.monotonic()
         self._run_task(
             "exporting the annotations and submitting…",
             lambda: submit_finetune(settings, images, annotator.store, annotator_model=model, embeddings=embeddings,
