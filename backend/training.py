@@ -6,7 +6,8 @@ With ``recipe="micro-sam"`` one optimisation step is micro-sam's own: ``SamTrain
 (a point or box start, corrective points sampled from the error, previous mask logits
 fed back with probability ``mask_prob``, loss = Dice + IoU-prediction MSE), driven here
 by a loop that Ray Train (``backend.ray_train``) or a plain process can run. Nothing
-in this module imports Ray.
+in this module imports Ray, and micro-sam's training modules are imported only for its
+recipe (``backend.micro_sam_recipe``): the fast recipe's workers start seconds sooner.
 
 Data parallelism averages gradients with one ``all_reduce`` per optimiser step instead
 of wrapping the model in DDP: iterative prompting calls the mask decoder several times
@@ -22,15 +23,12 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from micro_sam.models.peft_sam import PEFT_Sam
-from micro_sam.training.sam_trainer import SamTrainer
-from micro_sam.training.trainable_sam import TrainableSAM
-from micro_sam.training.util import ConvertToSamInputs
+from segment_anything import SamPredictor
 from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from backend.config import TrainConfig
@@ -41,11 +39,12 @@ from backend.embedding_cache import EmbeddingCache
 from backend.models import LoadedModel, load_model
 from backend.run_directory import RunDirectory
 
+if TYPE_CHECKING:
+    from micro_sam.training.sam_trainer import SamTrainer
+    from micro_sam.training.trainable_sam import TrainableSAM
+
 ProgressCallback = Callable[[int, int, int], None]
 """progress(epoch, step, steps_per_epoch), called on rank 0 after every optimiser step."""
-
-_BOX_DISTORTION = 0.025  # micro-sam's train_sam default
-
 
 @dataclass(frozen=True)
 class EpochRecord:
@@ -61,22 +60,6 @@ class EpochRecord:
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
-
-
-class _PrecomputedEmbeddingSAM(TrainableSAM):
-    """TrainableSAM whose image embeddings for the next step are set by the caller.
-
-    Decoder mode computes every embedding once; micro-sam's step asks the model for them
-    through ``image_embeddings_oft``, so this hands back the stored ones instead.
-    """
-
-    step_embeddings: tuple[torch.Tensor, tuple[int, int]] | None = None
-
-    def image_embeddings_oft(self, batched_inputs):
-        embeddings, input_size = self.step_embeddings
-        for record in batched_inputs:
-            record["input_size"] = input_size
-        return embeddings, batched_inputs
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
@@ -148,15 +131,17 @@ class SamFineTuner:
         torch.manual_seed(config.seed)  # identical LoRA initialisation on every rank
         sam = self.loaded.sam
         if config.mode == "lora":
+            from micro_sam.models.peft_sam import PEFT_Sam
+
             sam = PEFT_Sam(sam, rank=config.lora_rank).sam
         elif config.mode == "decoder":
             for param in sam.image_encoder.parameters():
                 param.requires_grad = False
-        sam.to(self.device)
-        self.model = (_PrecomputedEmbeddingSAM if config.mode == "decoder" else TrainableSAM)(sam)
-        self.trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.sam = sam.to(self.device)
+        """The SAM being trained (LoRA attached in LoRA mode)."""
+        self.trainable = [p for p in sam.parameters() if p.requires_grad]
         if world_size > 1:
-            for param in self.model.parameters():
+            for param in sam.parameters():
                 dist.broadcast(param.data, src=0)
 
         self.optimizer = torch.optim.AdamW(
@@ -164,21 +149,16 @@ class SamFineTuner:
         )
         self.autocast_dtype = _autocast_dtype(config, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.autocast_dtype == torch.float16)
-        # micro-sam's own step; the loaders, logger and checkpointing of its torch_em base class stay unused.
-        self.step = SamTrainer(
-            convert_inputs=ConvertToSamInputs(transform=self.model.transform, box_distortion_factor=_BOX_DISTORTION),
-            n_sub_iteration=config.n_sub_iteration,
-            n_objects_per_batch=config.n_objects_per_batch,
-            mask_prob=config.mask_prob,
-            name="napari-raysam",
-            train_loader=None,
-            val_loader=None,
-            model=self.model,
-            optimizer=self.optimizer,
-            device=self.device,
-            logger=None,
-            mixed_precision=False,
-        )
+        self.iteration = 0
+        """Micro-batches trained so far (over all epochs); micro-sam's step picks its prompts by it."""
+        self.model: TrainableSAM | None = None
+        """micro-sam's wrapper of ``sam`` and ``step`` its trainer: micro-sam's recipe only, else None."""
+        self.step: SamTrainer | None = None
+        if config.recipe == "micro-sam":
+            from backend.micro_sam_recipe import micro_sam_step, trainable_sam
+
+            self.model = trainable_sam(sam, config.mode)
+            self.step = micro_sam_step(self.model, self.optimizer, self.device, config)
         self._my_val_ids = self.val_ids[rank::world_size]
         self._labels: dict[str, torch.Tensor] = {}
         if config.mode == "decoder":
@@ -244,10 +224,13 @@ class SamFineTuner:
         pixels = self.dataset.sam_image(sample_id)
         cached = self._cache.get(pixels)
         if cached is None:
-            with torch.no_grad(), self._autocast():
-                embeddings, records = TrainableSAM.image_embeddings_oft(self.model, [{"image": torch.from_numpy(pixels)}])
+            # segment-anything's predictor: resize the longest side to 1024, normalise, pad, encode
+            predictor = SamPredictor(self.sam)
+            image = torch.from_numpy(pixels).to(self.device, torch.float32)[None]
+            with self._autocast():
+                predictor.set_torch_image(predictor.transform.apply_image_torch(image), pixels.shape[1:])
             self.embeddings_computed += 1
-            cached = (embeddings[0].float().cpu().numpy().astype(np.float16), tuple(records[0]["input_size"]))
+            cached = (predictor.features[0].float().cpu().numpy().astype(np.float16), tuple(predictor.input_size))
             self._cache.put(pixels, *cached)
         array, input_size = cached
         return torch.from_numpy(array.astype(np.float32))[None].to(self.device), input_size
@@ -287,15 +270,15 @@ class SamFineTuner:
     def run_epoch(self, epoch: int) -> EpochRecord:
         """Train one epoch, validate, and return the epoch's metrics reduced over all ranks."""
         start = time.perf_counter()
-        self.model.train()
+        self.sam.train()
         if self.config.mode == "decoder":
-            self.model.sam.image_encoder.eval()
+            self.sam.image_encoder.eval()
         accumulate = self.config.grad_accumulation * (self.config.batch_size if self.loader is None else 1)
         loss_sum, micro_count, samples, step = 0.0, 0, 0, 0
         self.optimizer.zero_grad(set_to_none=True)
         micro_steps = self._fast_micro_steps if self.config.recipe == "fast" else self._micro_sam_micro_steps
         for loss, count in micro_steps(epoch, accumulate):
-            self.step._iteration += 1
+            self.iteration += 1
             loss_sum += loss
             micro_count += 1
             samples += count
@@ -328,6 +311,7 @@ class SamFineTuner:
         for x, y, sample_id in self._train_micro_batches(epoch):
             if sample_id is not None:
                 self.model.step_embeddings = self._embeddings[sample_id]
+            self.step._iteration = self.iteration
             with self._autocast():
                 loss = self.step._interactive_train_iteration(x, y)[0]
             self.scaler.scale(loss / accumulate).backward()
@@ -340,7 +324,7 @@ class SamFineTuner:
         for index in order:
             with self._autocast():
                 yield fast_recipe.train_image(
-                    self.model.sam, self._prepared[self._my_train_ids[index]], n_objects=self.config.n_objects_per_batch,
+                    self.sam, self._prepared[self._my_train_ids[index]], n_objects=self.config.n_objects_per_batch,
                     rounds=self.config.n_sub_iteration, generator=generator, loss_scale=1 / accumulate,
                 )
 
@@ -413,11 +397,11 @@ class SamFineTuner:
         Fast recipe: every object once with its box and once with its single centre point, as
         evaluation prompts them, scored on the logit grid; the loss and IoU average both.
         """
-        self.model.eval()
+        self.sam.eval()
         if self.config.recipe == "fast":
             sums = [0.0, 0.0, 0.0, 0]
             for sample_id in self._my_val_ids:
-                sums = [a + b for a, b in zip(sums, fast_recipe.validate_image(self.model.sam, self._prepared[sample_id]))]
+                sums = [a + b for a, b in zip(sums, fast_recipe.validate_image(self.sam, self._prepared[sample_id]))]
             loss, box_iou, point_iou, objects = self._sum_over_ranks(sums)
             return loss / max(objects, 1), (box_iou + point_iou) / 2 / max(objects, 1)
         loss_sum, iou_sum, objects = 0.0, 0.0, 0
@@ -444,7 +428,7 @@ class SamFineTuner:
 
     # -- state ----------------------------------------------------------------------------
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        names = {id(p): n for n, p in self.model.sam.named_parameters()}
+        names = {id(p): n for n, p in self.sam.named_parameters()}
         return {names[id(p)]: p.detach().cpu().clone() for p in self.trainable}
 
     def state(self, epoch: int) -> dict:
@@ -452,7 +436,7 @@ class SamFineTuner:
         return {
             "epoch": epoch,
             "elapsed_s": self.elapsed(),
-            "iteration": self.step._iteration,
+            "iteration": self.iteration,
             "trainable": self._trainable_state(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -464,11 +448,11 @@ class SamFineTuner:
 
     def load_state(self, state: dict) -> int:
         """Restore a ``state()``; returns the first epoch still to train."""
-        self.model.sam.load_state_dict(state["trainable"], strict=False)
+        self.sam.load_state_dict(state["trainable"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
-        self.step._iteration = state["iteration"]
+        self.iteration = state["iteration"]
         self._elapsed_before = state.get("elapsed_s", 0.0)  # states written before the time budget lack it
         self._started = time.perf_counter()
         self.best = {"val_loss": state["best_val_loss"], "epoch": state["best_epoch"], "state": state["best"]}
@@ -477,8 +461,8 @@ class SamFineTuner:
     def best_sam(self):
         """The model with the weights of the epoch with the lowest val loss (LoRA still attached)."""
         if self.best["state"] is not None:
-            self.model.sam.load_state_dict(self.best["state"], strict=False)
-        return self.model.sam
+            self.sam.load_state_dict(self.best["state"], strict=False)
+        return self.sam
 
 
 def save_state(state: dict, path: Path) -> None:

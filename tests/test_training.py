@@ -45,7 +45,7 @@ def test_decoder_mode_computes_each_embedding_once(cell_dataset, tmp_path, monke
     cfg = config(cell_dataset, tmp_path, mode="decoder", epochs=3)
     tuner = SamFineTuner(cfg)
     calls = []
-    encoder = tuner.model.sam.image_encoder
+    encoder = tuner.sam.image_encoder
     monkeypatch.setattr(encoder, "forward", lambda *a, **k: calls.append(1))
     for epoch in range(cfg.epochs):
         tuner.run_epoch(epoch)
@@ -87,9 +87,9 @@ def test_resume_continues_after_the_last_finished_epoch(cell_dataset, tmp_path):
     state = tuner.state(0)
     fresh = SamFineTuner(cfg)
     assert fresh.load_state(state) == 1
-    assert fresh.step._iteration == tuner.step._iteration
+    assert fresh.iteration == tuner.iteration
     for name, value in state["trainable"].items():
-        assert torch.equal(dict(fresh.model.sam.named_parameters())[name].detach().cpu(), value)
+        assert torch.equal(dict(fresh.sam.named_parameters())[name].detach().cpu(), value)
 
 
 def test_train_resumes_a_crashed_run_from_its_state_file(cell_dataset, tmp_path, monkeypatch):
