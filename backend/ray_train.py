@@ -6,6 +6,12 @@ inside a Ray job; it starts ``config.workers`` TorchTrainer workers, each runnin
 last, the model folder (contract 2). Every epoch a checkpoint is reported to Ray Train;
 after a worker failure Ray restarts the group (up to ``max_failures`` times) and the
 workers resume from the latest checkpoint.
+
+The job's driver and Ray Train's controller import this module but never PyTorch: each is a
+process of its own on the way to the first step, and ``import torch`` costs it seconds. So
+PyTorch is imported in the worker function only, and a one-worker run, which needs no
+process group, uses Ray Train's plain data-parallel trainer instead of ``TorchTrainer``
+(whose config imports PyTorch in the driver and the controller).
 """
 
 from __future__ import annotations
@@ -14,9 +20,8 @@ import tempfile
 from pathlib import Path
 
 import ray.train
-import ray.train.torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from backend.config import TrainConfig
 from backend.run_directory import RunDirectory
@@ -27,7 +32,9 @@ _STATE_FILE = "state.pt"
 def train_loop_per_worker(config_values: dict) -> None:
     """One Ray Train worker: resume if a checkpoint exists, train the remaining epochs, export."""
     # Imported here, in the worker: the driver and Ray Train's controller only pass this function
-    # around, and the trainer's imports (micro-sam, segment-anything) cost each process seconds.
+    # around, and the trainer's imports (PyTorch, segment-anything) cost each process seconds.
+    import ray.train.torch
+
     from backend.training import SamFineTuner, load_state, save_state
 
     config = TrainConfig.from_dict(config_values)
@@ -73,7 +80,11 @@ def run(config: TrainConfig) -> Path:
     """Train under Ray Train on the cluster this process is connected to; returns the model folder."""
     run_dir = RunDirectory(config)
     run_dir.create()
-    trainer = TorchTrainer(
+    if config.workers > 1:  # gradients are averaged over a torch.distributed process group
+        from ray.train.torch import TorchTrainer as Trainer
+    else:  # one worker: no process group, so no PyTorch in this process nor in Ray Train's controller
+        Trainer = DataParallelTrainer
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config=config.to_dict(),
         scaling_config=ScalingConfig(

@@ -131,3 +131,36 @@ def test_following_survives_a_dropped_connection(tmp_path, monkeypatch):
     monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
     with pytest.raises(RunError, match="the run goes on there: follow it again"):
         list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1", retries=3))
+
+
+class _FinishingJobs(_FlakyJobs):
+    """A job that writes its model folder on the third status request and ends on the sixth."""
+
+    def __init__(self, run_dir) -> None:
+        super().__init__(run_dir, drops=0)
+
+    def get_job_info(self, job_id):
+        self.calls += 1
+        if self.calls == 3:
+            (self.run_dir / "model").mkdir(exist_ok=True)
+            (self.run_dir / "model" / "meta.json").write_text(json.dumps({"export": self.calls}))
+            os.utime(self.run_dir / "model" / "meta.json", ns=(2_000_000_000, 2_000_000_000))
+        return self._job("SUCCEEDED" if self.calls >= 6 else "RUNNING")
+
+
+@pytest.mark.parametrize("resumed", [False, True])
+def test_the_model_is_reported_once_written_before_the_job_ends(resumed, tmp_path, monkeypatch):
+    from napari_raysam.cluster import Cluster
+    from napari_raysam.runs import RunClient
+
+    if resumed:  # an earlier attempt's model folder is not this job's result
+        (tmp_path / "model").mkdir()
+        (tmp_path / "model" / "meta.json").write_text("{}")
+        os.utime(tmp_path / "model" / "meta.json", ns=(1_000_000_000, 1_000_000_000))
+    monkeypatch.setattr("napari_raysam.runs.client.time.sleep", lambda seconds: None)
+    jobs = _FinishingJobs(tmp_path)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
+    updates = list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1"))
+    running = [u for u in updates if u.state == RunState.RUNNING]
+    assert running[0].model is None and running[-1].model == tmp_path / "model"
+    assert updates[-1].state == RunState.SUCCEEDED and updates[-1].model == tmp_path / "model"

@@ -22,7 +22,9 @@ from ray.job_submission import JobSubmissionClient
 import backend
 from backend.config import TrainConfig
 from napari_raysam.cluster import Cluster, ClusterError
-from napari_raysam.runs.files import CONFIG_FILE, MetricsReader, model_folder, read_baseline, read_progress
+from napari_raysam.runs.files import (
+    CONFIG_FILE, MetricsReader, model_folder, model_written_ns, read_baseline, read_progress,
+)
 from napari_raysam.runs.logs import LogTail
 from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
 
@@ -71,7 +73,9 @@ class RunUpdate:
     elapsed_s: float
     """Seconds since the job started (0 while pending)."""
     model: Path | None = None
-    """The exported model folder, once the run succeeded."""
+    """The exported model folder, once this job has written it: the worker writes it last (contract 2),
+    so it is complete while the job is still running (Ray Train tearing down, seconds) and stays set
+    when the run succeeds."""
     message: str = ""
     """Why it failed, or a note on the connection (lost, retrying)."""
     baseline: dict | None = None
@@ -170,8 +174,10 @@ class RunClient:
         metrics are read from where the previous read stopped, the status is one small request per
         ``poll_s``. A dropped connection is retried ``retries`` times (backing off up to 10 s)
         with an update saying so; ``should_stop`` lets a GUI stop following (the run goes on).
+        The model is reported as soon as its folder is complete, before the job has ended.
         """
         run = self.info(name)
+        earlier_model = model_written_ns(run.run_dir)  # a resumed run's earlier export is not this job's model
         lifecycle = RunLifecycle(RunState.PENDING)
         metrics = MetricsReader(run.run_dir)
         tail = LogTail(self._make_jobs_client, run.job_id)
@@ -197,7 +203,8 @@ class RunClient:
                     time.sleep(min(2.0**failures, 10.0))
                     continue
                 state = state_of_job(details.status)
-                model = model_folder(run.run_dir) if state == RunState.SUCCEEDED else None
+                written = state == RunState.RUNNING and model_written_ns(run.run_dir) not in (None, earlier_model)
+                model = model_folder(run.run_dir) if written or state == RunState.SUCCEEDED else None
                 message = ""
                 if state == RunState.SUCCEEDED and model is None:
                     state, message = RunState.FAILED, f"the job ended without writing a model into {run.run_dir}"
@@ -216,7 +223,7 @@ class RunClient:
                     message=message,
                     baseline=read_baseline(run.run_dir) if lifecycle.state.ended else None,
                 )
-                key = (update.state, len(update.metrics), json.dumps(update.progress))
+                key = (update.state, len(update.metrics), json.dumps(update.progress), update.model)
                 if update.new_log or key != last or lifecycle.state.ended:
                     yield update
                 last = key

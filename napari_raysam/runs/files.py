@@ -79,6 +79,17 @@ def model_folder(run_dir: Path) -> Path | None:
     return folder if (folder / MODEL_META).is_file() else None
 
 
+def model_written_ns(run_dir: Path) -> int | None:
+    """When the run's model folder was completed (its ``meta.json``'s mtime, ns), or None while there is none.
+
+    The folder is renamed into place whole, so a later export of the same run gives a new time.
+    """
+    try:
+        return (Path(run_dir) / MODEL_FOLDER / MODEL_META).stat().st_mtime_ns
+    except FileNotFoundError:
+        return None
+
+
 @dataclass(frozen=True)
 class RunRecord:
     """One run of a storage folder, as the run history lists it."""

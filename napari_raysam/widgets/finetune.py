@@ -300,6 +300,7 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ updates
     def _on_update(self, update: RunUpdate) -> None:
+        model_arrived = update.model is not None and (self.last_update is None or self.last_update.model is None)
         self.last_update, self._update_clock = update, time.monotonic()
         if update.new_log:
             self.log_view.appendPlainText(update.new_log.rstrip("\n"))
@@ -311,6 +312,8 @@ class FinetuneWidget(QWidget):
         self._show_progress()
         if update.message and not update.state.ended:
             self._say(update.message)
+        if model_arrived:
+            self._model_arrived(update.model)
         if update.state.ended:
             self._ended(update)
         self._update_buttons()
@@ -324,18 +327,21 @@ class FinetuneWidget(QWidget):
         self.state_label.setText(f"<b>{self.run_name}</b>: {progress_text(update, elapsed)}")
         self.progress_bar.setValue(int(1000 * progress_fraction(update, elapsed)))
 
+    def _model_arrived(self, model: Path) -> None:
+        """The run's model folder is complete: load it (or offer it) now, not when Ray has ended the job,
+        which takes it seconds more."""
+        self._pending_model = model
+        if self.form.load_when_done.isChecked():
+            self._load_model(model)
+        else:
+            self._say(f"run {self.run_name} has its model: Load model puts it into the annotator")
+
     def _ended(self, update: RunUpdate) -> None:
         self.result_label.setText(summary_text(update.metrics, update.baseline))
         self.refresh_history()
-        if update.state == RunState.SUCCEEDED:
-            self._pending_model = update.model
-            if self.form.load_when_done.isChecked():
-                self._load_model(update.model)
-            else:
-                self._say(f"run {self.run_name} succeeded: Load model puts it into the annotator")
-        elif update.state == RunState.STOPPED:
+        if update.state == RunState.STOPPED:
             self._say(f"run {self.run_name} was stopped; your annotations are unchanged")
-        else:
+        elif update.state == RunState.FAILED:  # a success's model arrived with it or before it
             first, _, rest = update.message.partition("\n")
             self._say(first or f"run {self.run_name} failed")
             if rest:
