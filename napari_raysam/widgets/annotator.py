@@ -308,6 +308,12 @@ class AnnotatorWidget(QWidget):
     # ------------------------------------------------------------------ image choice
     def _on_layer_inserted(self, event) -> None:
         self._refresh_image_choices()
+        if isinstance(event.value, Image) and "hpa_fields" in event.value.metadata and self._channels is None:
+            # an HPA field from our reader: its four stain layers are one image
+            for index in range(self.image_combo.count()):
+                entry = self.image_combo.itemText(index)
+                if entry.startswith(_ALL_CHANNEL_LAYERS) and event.value.name in entry[len(_ALL_CHANNEL_LAYERS):].split(" + "):
+                    self.image_combo.setCurrentIndex(index)
         if isinstance(event.value, Image):
             self._prepare_layers()
 
@@ -317,10 +323,13 @@ class AnnotatorWidget(QWidget):
         current = self.image_combo.currentText()
         images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
         entries = [layer.name for layer in images]
-        flat = [layer for layer in images if not layer.rgb and layer.ndim == 2]
-        same_shape = [layer for layer in flat if layer.data.shape == flat[0].data.shape] if flat else []
-        if len(same_shape) >= 2:
-            entries.append(_ALL_CHANNEL_LAYERS + " + ".join(layer.name for layer in same_shape))
+        by_shape: dict[tuple[int, ...], list[Image]] = {}
+        for layer in images:
+            if not layer.rgb and layer.ndim in (2, 3):  # images or stacks of slices, one channel each
+                by_shape.setdefault(tuple(layer.data.shape), []).append(layer)
+        for same_shape in by_shape.values():
+            if len(same_shape) >= 2:
+                entries.append(_ALL_CHANNEL_LAYERS + " + ".join(layer.name for layer in same_shape))
         self.image_combo.blockSignals(True)
         self.image_combo.clear()
         self.image_combo.addItems(entries)
