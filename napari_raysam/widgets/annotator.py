@@ -307,6 +307,8 @@ class AnnotatorWidget(QWidget):
 
     # ------------------------------------------------------------------ image choice
     def _on_layer_inserted(self, event) -> None:
+        if isinstance(event.value, Image):
+            self.layers.keep_on_top()
         self._refresh_image_choices()
         if isinstance(event.value, Image) and "hpa_fields" in event.value.metadata and self._channels is None:
             # an HPA field from our reader: its four stain layers are one image

@@ -77,6 +77,15 @@ class AnnotatorLayers:
             elif name == POINTS_LAYER:
                 layer.current_size = point_size
 
+    def keep_on_top(self) -> None:
+        """Move this annotator's layers above all others, keeping their order: an image opened after
+        them (e.g. the other stains of an HPA field) would otherwise cover the prompts and masks."""
+        layers = self.viewer.layers
+        ours = {COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER}
+        indices = [index for index, layer in enumerate(layers) if layer.name in ours]
+        if indices and indices != list(range(len(layers) - len(indices), len(layers))):
+            layers.move_multiple(indices, len(layers))
+
     def set_prompt_kind(self, kind: str) -> None:
         """Make the next points ``POSITIVE`` or ``NEGATIVE``."""
         points = self.get(POINTS_LAYER)
