@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -25,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
+
+from napari_raysam.auth import ensure_token_file, warn_if_token_in_clear
 
 DEFAULT_DASHBOARD_PORT = 8265
 
@@ -96,6 +97,7 @@ def connect(address: str, token: str | None = None, timeout: float = 10.0) -> Cl
     if url.count(":") == 1:  # no port given
         url = f"{url}:{DEFAULT_DASHBOARD_PORT}"
     cluster = Cluster(dashboard_url=url.rstrip("/"), token=read_token(token))
+    warn_if_token_in_clear(cluster.dashboard_url, cluster.token)
     check(cluster, timeout=timeout)
     return cluster
 
@@ -144,8 +146,10 @@ def _ray_executable() -> str:
 def local_environment(token_path: Path) -> dict[str, str]:
     """Environment of the embedded cluster's processes: loopback-only ports, token auth from our file,
     and this interpreter first on PATH so that jobs' ``python`` is the one with napari-raysam installed."""
+    # Ray prefers $RAY_AUTH_TOKEN to the token file: a user's (for another cluster) would make the head
+    # reject the file's token that our client sends.
     return {
-        **os.environ,
+        **{name: value for name, value in os.environ.items() if name != "RAY_AUTH_TOKEN"},
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # keeps every Ray port on 127.0.0.1
         "RAY_AUTH_MODE": "token",
@@ -180,9 +184,7 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
     home = state_dir()
     home.mkdir(parents=True, exist_ok=True)
     token_path = home / "auth_token"
-    if not token_path.exists():
-        token_path.write_text(secrets.token_hex(32))
-        token_path.chmod(0o600)
+    token = ensure_token_file(token_path)
     # Ray's unix sockets live in temp_dir and their paths must stay short (< 108 bytes).
     temp_dir = tempfile.mkdtemp(prefix="nrs-", dir="/tmp")
     dashboard_port, gcs_port = _free_port(), _free_port()
@@ -208,7 +210,7 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
     if result.returncode != 0:
         raise ClusterError(f"starting the local Ray cluster failed:\n{result.stderr[-2000:]}")
     cluster = Cluster(
-        dashboard_url=f"http://127.0.0.1:{dashboard_port}", token=token_path.read_text().strip(),
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}", token=token,
         temp_dir=temp_dir, gcs_address=f"127.0.0.1:{gcs_port}",
     )
     deadline = time.monotonic() + timeout

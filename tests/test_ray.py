@@ -6,7 +6,6 @@ The cluster is this test session's own: started with ``ray start`` through
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import os
 import signal
@@ -18,6 +17,7 @@ import pytest
 from backend.config import TrainConfig
 from backend.models import load_model
 from napari_raysam import cluster as clusters
+from napari_raysam.auth import is_loopback_host
 from napari_raysam.cli import main
 from napari_raysam.runs import MetricsReader, RunClient, RunState, read_progress
 
@@ -134,11 +134,6 @@ def test_ray_client_addresses_are_refused_with_the_alternative():
         clusters.connect("ray://head:10001")
 
 
-def _is_loopback(ip: str) -> bool:
-    address = ipaddress.ip_address(ip)
-    return (getattr(address, "ipv4_mapped", None) or address).is_loopback
-
-
 def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(monkeypatch, tmp_path):
     first = clusters.start_local_cluster(num_cpus=1)
     try:
@@ -149,7 +144,7 @@ def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(monkeyp
             c.laddr.ip for c in psutil.net_connections("inet")
             if c.status == psutil.CONN_LISTEN and c.pid in started
         }
-        assert listening and all(_is_loopback(ip) for ip in listening), listening
+        assert listening and all(is_loopback_host(ip) for ip in listening), listening
     finally:
         clusters.stop_local_cluster(first)
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started)
