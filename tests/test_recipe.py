@@ -62,8 +62,9 @@ def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_
     assert 1 <= len(metrics) < 1000
     assert load_model(model).meta["mode"] == "decoder"
     assert progress["budget_s"] == pytest.approx(12.0) and progress["epochs"] == 1000
-    # stopped at the first step past the budget: one step (well under a second here) late at most
-    assert 12.0 <= progress["elapsed_s"] < 12.0 + 5.0
+    # stopped at the first step past the budget, or, when the budget passed during an epoch's
+    # validation, after it: progress.json's last step is then a validation (a few seconds) early
+    assert 12.0 - 5.0 < progress["elapsed_s"] < 12.0 + 5.0
 
 
 def test_embeddings_stored_in_the_dataset_are_used_not_computed(tmp_path, monkeypatch):
