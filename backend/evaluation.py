@@ -34,7 +34,7 @@ from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from backend.dataset import Dataset, open_dataset
-from backend.models import load_model
+from backend.models import load_model, set_predictor_image
 
 # The automatic mask generator costs one decoder pass per grid point. vit_t's decoder took
 # 0.03 s per point on a 16-core CPU, so 12 x 12 = 144 points (plus 0.4 s for the embedding) is
@@ -129,7 +129,7 @@ def evaluate_images(
         with torch.inference_mode():
             for done, (image, label) in enumerate(zip(images, labels), start=1):
                 _check_pair(done - 1, image, label)
-                _set_image(predictor, image)
+                set_predictor_image(predictor, image)
                 has_objects = bool(label.any())
                 if has_objects:
                     image_box_ious, image_point_ious = _prompted_ious(predictor, label)
@@ -231,13 +231,6 @@ def _check_pair(index: int, image: np.ndarray, label: np.ndarray) -> None:
         raise ValueError(f"Image {index} has shape {image.shape}; expected (3, H, W) channel-first RGB in [0, 255].")
     if label.shape != image.shape[1:]:
         raise ValueError(f"Labels {index} have shape {label.shape}; expected (H, W) = {image.shape[1:]}.")
-
-
-def _set_image(predictor: SamPredictor, image: np.ndarray) -> None:
-    """Compute the embedding of a ``(3, H, W)`` float image in [0, 255] once for all prompts."""
-    # set_torch_image keeps the float intensities; set_image would need an 8-bit (H, W, 3) copy.
-    tensor = torch.as_tensor(np.asarray(image, dtype=np.float32), device=predictor.device)[None]
-    predictor.set_torch_image(predictor.transform.apply_image_torch(tensor), image.shape[1:])
 
 
 def _prompted_ious(predictor: SamPredictor, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:

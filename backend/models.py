@@ -30,11 +30,12 @@ from datetime import datetime, timezone
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import safetensors
 import safetensors.torch
 import torch
 from micro_sam.models.peft_sam import AdaptFormer, AttentionLoRA, FacTSurgery, MLPLoRA, ScaleShiftLayer
-from segment_anything import sam_model_registry
+from segment_anything import SamPredictor, sam_model_registry
 
 from backend.atomic import staging_file, staging_folder
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
@@ -497,6 +498,17 @@ def build_instance_decoder(model: LoadedModel, device: str | torch.device = "cpu
 # ---------------------------------------------------------------------------------------------
 # Fingerprints, saving, export
 # ---------------------------------------------------------------------------------------------
+
+
+def set_predictor_image(predictor: SamPredictor, image: np.ndarray) -> None:
+    """Embed a ``(3, H, W)`` float image in [0, 255] (numpy) into ``predictor``, once for all its prompts.
+
+    segment-anything's own steps (longest side to 1024, normalise, pad, encode) through
+    ``set_torch_image``, which keeps the float intensities; ``set_image`` would need an 8-bit
+    ``(H, W, 3)`` copy.
+    """
+    tensor = torch.as_tensor(image, dtype=torch.float32, device=predictor.device)[None]
+    predictor.set_torch_image(predictor.transform.apply_image_torch(tensor), image.shape[1:])
 
 
 def state_fingerprint(state_dict: Mapping[str, torch.Tensor]) -> str:

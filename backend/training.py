@@ -36,7 +36,7 @@ from backend import fast_recipe
 from backend.dataset import Dataset, TrainingCrops, open_dataset
 from backend.atomic import staging_file
 from backend.embedding_cache import EmbeddingCache
-from backend.models import LoadedModel, load_model
+from backend.models import LoadedModel, load_model, set_predictor_image
 from backend.run_directory import RunDirectory
 
 if TYPE_CHECKING:
@@ -224,11 +224,9 @@ class SamFineTuner:
         pixels = self.dataset.sam_image(sample_id)
         cached = self._cache.get(pixels)
         if cached is None:
-            # segment-anything's predictor: resize the longest side to 1024, normalise, pad, encode
             predictor = SamPredictor(self.sam)
-            image = torch.from_numpy(pixels).to(self.device, torch.float32)[None]
             with self._autocast():
-                predictor.set_torch_image(predictor.transform.apply_image_torch(image), pixels.shape[1:])
+                set_predictor_image(predictor, pixels)
             self.embeddings_computed += 1
             cached = (predictor.features[0].float().cpu().numpy().astype(np.float16), tuple(predictor.input_size))
             self._cache.put(pixels, *cached)
