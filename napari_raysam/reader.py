@@ -26,7 +26,8 @@ def read_hpa(path: str | list[str]) -> LayerData:
     """The field (or folder of fields) at ``path`` as four channel layers, coloured as HPA shows them.
 
     One layer per stain, named ``"<stain> (<field or folder>)"``, blended additively. A folder is
-    a lazy stack with one field per slice (``metadata["fields"]`` lists their names in order).
+    a lazy stack with one field per slice. ``metadata["hpa_fields"]`` lists the fields' names in
+    order; by it the annotator takes the four layers as one image.
 
     Raises:
         ImageError: a stain file is missing or unreadable, or fields in a folder differ in size.

@@ -98,6 +98,13 @@ class _Progress(QObject):
 _ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakValueDictionary()
 
 
+def _entry_layer_names(entry: str) -> list[str]:
+    """The layers an entry of the image list names: one, or all of a combined "channel layers: a + b" entry."""
+    if entry.startswith(_ALL_CHANNEL_LAYERS):
+        return entry[len(_ALL_CHANNEL_LAYERS):].split(" + ")
+    return [entry]
+
+
 def annotator_for(viewer: napari.viewer.Viewer) -> AnnotatorWidget | None:
     """The annotator dock open in ``viewer``, if any (the fine-tune dock works through it)."""
     return _ANNOTATORS.get(id(viewer))
@@ -307,17 +314,20 @@ class AnnotatorWidget(QWidget):
 
     # ------------------------------------------------------------------ image choice
     def _on_layer_inserted(self, event) -> None:
-        if isinstance(event.value, Image):
+        image = event.value if isinstance(event.value, Image) else None
+        if image is not None:
             self.layers.keep_on_top()
         self._refresh_image_choices()
-        if isinstance(event.value, Image) and "hpa_fields" in event.value.metadata and self._channels is None:
+        if image is None:
+            return
+        if "hpa_fields" in image.metadata and self._channels is None:
             # an HPA field from our reader: its four stain layers are one image
             for index in range(self.image_combo.count()):
                 entry = self.image_combo.itemText(index)
-                if entry.startswith(_ALL_CHANNEL_LAYERS) and event.value.name in entry[len(_ALL_CHANNEL_LAYERS):].split(" + "):
+                if entry.startswith(_ALL_CHANNEL_LAYERS) and image.name in _entry_layer_names(entry):
                     self.image_combo.setCurrentIndex(index)
-        if isinstance(event.value, Image):
-            self._prepare_layers()
+                    break
+        self._prepare_layers()
 
     def _refresh_image_choices(self, event=None) -> None:
         if self._image_layer is not None and self._image_layer not in self.viewer.layers:
@@ -341,11 +351,7 @@ class AnnotatorWidget(QWidget):
         self._on_image_choice()
 
     def _chosen_layers(self) -> list[Image]:
-        text = self.image_combo.currentText()
-        if text.startswith(_ALL_CHANNEL_LAYERS):
-            names = text[len(_ALL_CHANNEL_LAYERS):].split(" + ")
-        else:
-            names = [text]
+        names = _entry_layer_names(self.image_combo.currentText())
         return [self.viewer.layers[name] for name in names if name in self.viewer.layers]
 
     def _channel_axis(self, layer: Image) -> int | None:
