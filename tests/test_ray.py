@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,6 +55,18 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
     assert main(["runs", "fetch", config.run_name, "-o", str(fetched),
                  "--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]) == 0
     assert load_model(fetched).meta["mode"] == "decoder"
+    # on a desktop cluster Ray Train starts no preemption watcher (one process fewer before the first step)
+    started = _actors_started(ray_cluster)
+    assert "RayTrainWorker" in started and "PreemptionWatcher" not in started
+
+
+def _actors_started(cluster) -> set[str]:
+    """The classes of the actors the cluster's workers ran, read from their session log files."""
+    names = set()
+    for log in Path(cluster.temp_dir, "session_latest", "logs").glob("worker-*.out"):
+        names.update(line.split(":actor_name:", 1)[1].strip()
+                     for line in log.read_text(errors="replace").splitlines() if ":actor_name:" in line)
+    return names
 
 
 def _train_worker_pids(cluster) -> list[int]:

@@ -29,6 +29,15 @@ from napari_raysam.runs.logs import LogTail
 from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
 
 APP = "napari-raysam"
+# A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
+# helpers off. The preemption watcher is one more process (an interpreter importing Ray) started
+# while the training worker imports PyTorch on the same cores, and a desktop is never preempted;
+# Ray Train's metrics feed a dashboard nobody opens here. Remote clusters keep both.
+LOCAL_JOB_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+}
 """The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
 
 
@@ -118,7 +127,7 @@ class RunClient:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
         entrypoint = f"python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
-        env_vars = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"} if self.cluster.is_local else {}
+        env_vars = LOCAL_JOB_ENV if self.cluster.is_local else {}
         metadata = {
             "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
             "mode": config.mode, "dataset": config.data, "images": "" if images is None else str(images),
