@@ -34,6 +34,7 @@ def submit(cluster, cell_dataset, tmp_path, **overrides) -> TrainConfig:
 
 
 def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
+    submitted = time.time()
     config = submit(ray_cluster, cell_dataset, tmp_path, workers=2, epochs=2)
     updates = []
     model = RunClient(ray_cluster).wait(config.run_name, on_update=updates.append, poll_s=0.5)
@@ -56,14 +57,16 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
                  "--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]) == 0
     assert load_model(fetched).meta["mode"] == "decoder"
     # on a desktop cluster Ray Train starts no preemption watcher (one process fewer before the first step)
-    started = _actors_started(ray_cluster)
+    started = _actors_started(ray_cluster, since=submitted)
     assert "RayTrainWorker" in started and "PreemptionWatcher" not in started
 
 
-def _actors_started(cluster) -> set[str]:
-    """The classes of the actors the cluster's workers ran, read from their session log files."""
+def _actors_started(cluster, since: float) -> set[str]:
+    """The classes of the actors the cluster's worker processes started after ``since`` ran (their log files)."""
     names = set()
     for log in Path(cluster.temp_dir, "session_latest", "logs").glob("worker-*.out"):
+        if log.stat().st_ctime < since:  # an earlier test's job on the shared cluster
+            continue
         names.update(line.split(":actor_name:", 1)[1].strip()
                      for line in log.read_text(errors="replace").splitlines() if ":actor_name:" in line)
     return names
