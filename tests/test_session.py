@@ -314,3 +314,22 @@ def test_large_images_are_segmented_with_the_decoder_tile_by_tile(decoder_model,
     assert progress[-1] == (4, 4)  # the decoder ran per tile
     assert decoder_runs[0]["tile_shape"] == (160, 160) and decoder_runs[0]["halo"] == (32, 32)
     assert labels.max() > 1  # the seeds became separate objects
+
+
+def test_the_next_image_is_embedded_ahead_without_touching_the_current_one(rgb, tmp_path):
+    session = SamSession(tmp_path / "cache")
+    session.set_model(MODEL)
+    session.set_image(rgb)
+    before = session.segment(points=[[60, 60]])
+    image, _ = synthetic_cells(np.random.default_rng(1), shape=(96, 112), n_cells=4)
+    following = sam_rgb(image, (0, 1, 2))
+    calls = _count_encoder_calls(session)
+    progress = []
+    assert session.cache_embeddings(following, lambda done, total: progress.append((done, total)))
+    assert len(calls) == 1 and progress[-1][0] == progress[-1][1]
+    # the current image is still the one segmented
+    assert session.image_shape == (128, 128)
+    np.testing.assert_array_equal(session.segment(points=[[60, 60]]), before)
+    assert not session.cache_embeddings(following)  # cached: nothing computed twice
+    session.set_image(following)
+    assert len(calls) == 1 and session.image_shape == (96, 112)

@@ -10,7 +10,10 @@ mask generator (``AMG``).
 
 Threads: ``set_image`` and ``automatic_segmentation`` are slow and meant to run in a worker
 thread; while one of them runs, nothing else may be called on the session (the widget
-disables its buttons). The session holds no lock.
+disables its buttons). The exception is :meth:`SamSession.cache_embeddings` (the next image of
+a series, computed ahead): it uses a predictor of its own, so it may run in another worker
+while the current image is segmented; one lock keeps it and ``set_image`` from computing the
+same cache entry twice.
 
 Embedding cache: ``<cache_dir>/embeddings/<encoder fingerprint[:16]>/<content_key(rgb)[:32]>.zarr``,
 written by ``micro_sam.util.precompute_image_embeddings`` into a hidden sibling folder and
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -149,6 +153,8 @@ class SamSession:
         self.device = device
         self.model: LoadedModel | None = None
         self.predictor: SamPredictor | None = None
+        self._background_predictor: SamPredictor | None = None  # cache_embeddings' own: predictors hold an image's state
+        self._computing = threading.Lock()  # held while embeddings are computed into the cache
         self._decoder: torch.nn.Module | None = None  # micro-sam's instance segmentation decoder, if any
         self._embeddings: dict[str, Any] | None = None  # micro-sam's ImageEmbeddings of the image
         self._image_shape: tuple[int, int] | None = None
@@ -172,18 +178,13 @@ class SamSession:
         """
         loaded = load_model(source, self.device)
         decoder = build_instance_decoder(loaded, self.device)
-        predictor = SamPredictor(loaded.sam)
-        # micro-sam checks these against a cached embedding file before reading it; they name
-        # the image encoder only, so the cache is shared by fine-tunes that kept the encoder.
-        predictor.model_type = loaded.model_type
-        predictor.model_name = loaded.model_type
-        predictor._hash = loaded.encoder_fingerprint
         keeps_image = (
             self._embeddings is not None
             and self.model is not None
             and self.model.encoder_fingerprint == loaded.encoder_fingerprint
         )
-        self.model, self.predictor, self._decoder = loaded, predictor, decoder
+        self.model, self.predictor, self._decoder = loaded, _predictor(loaded), decoder
+        self._background_predictor = _predictor(loaded)
         if not keeps_image:
             self.reset_image()
         return keeps_image
@@ -199,28 +200,54 @@ class SamSession:
         Raises:
             SessionError: if no model is chosen or ``rgb`` is not ``(H, W, 3)`` uint8.
         """
-        if self.model is None:
-            raise SessionError("choose a model first")
-        rgb = np.asarray(rgb)
-        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
-            raise SessionError(
-                f"the SAM input must be an (H, W, 3) uint8 image; got {rgb.shape} {rgb.dtype}: "
-                f"make it with napari_raysam.annotator.image_source.sam_rgb"
-            )
+        rgb = self._checked_input(rgb)
         self.reset_image()
         report = _Progress(progress)
         tiled = max(rgb.shape[:2]) > TILING_THRESHOLD
         path = self._cache_path(rgb)
-        embeddings = self._read_cache(rgb, path, tiled) if path.exists() else None
+        embeddings = self._read_cache(rgb, path, tiled)
         if embeddings is None:
-            with staging_folder(path) as staging:
-                self._precompute(rgb, staging, tiled, report)
-            # Reopened from its final place: tiled features are read lazily from that folder.
-            embeddings = self._precompute(rgb, path, tiled, _Progress(None))
+            with self._computing:  # cache_embeddings may be computing this very image: then it is read
+                embeddings = self._read_cache(rgb, path, tiled)
+                if embeddings is None:
+                    with staging_folder(path) as staging:
+                        self._precompute(rgb, staging, tiled, report)
+                    # Reopened from its final place: tiled features are read lazily from that folder.
+                    embeddings = self._precompute(rgb, path, tiled, _Progress(None))
         self._embeddings = embeddings
         self._image_shape = (int(rgb.shape[0]), int(rgb.shape[1]))
         self._tiled = tiled
         report.finish()
+
+    def cache_embeddings(self, rgb: np.ndarray, progress: ProgressCallback | None = None) -> bool:
+        """Compute the embeddings of ``rgb`` into the disk cache, leaving the current image as it is.
+
+        For the next image of a series, so that :meth:`set_image` only reads them when it comes.
+        Meant for a worker thread; unlike the other methods it may run while the current image is
+        segmented, since it uses a predictor of its own (around the same model, read only).
+
+        Args:
+            rgb: ``(H, W, 3)`` uint8 SAM input, as for :meth:`set_image`.
+            progress: called as ``progress(done, total)``, as for :meth:`set_image`.
+
+        Returns:
+            True if they were computed; False if the cache held them already.
+
+        Raises:
+            SessionError: if no model is chosen or ``rgb`` is not ``(H, W, 3)`` uint8.
+        """
+        rgb = self._checked_input(rgb)
+        model, predictor = self.model, self._background_predictor  # as they are now: set_model may replace them
+        path = embedding_cache_path(self.cache_dir, model.encoder_fingerprint, rgb)
+        with self._computing:
+            if path.exists():
+                return False
+            report = _Progress(progress)
+            with staging_folder(path) as staging:
+                self._precompute(rgb, staging, max(rgb.shape[:2]) > TILING_THRESHOLD, report, predictor)
+            predictor.reset_image()  # frees the features it kept
+            report.finish()
+        return True
 
     def is_cached(self, rgb: np.ndarray) -> bool:
         """Whether the embeddings of ``rgb`` for the current model are on disk (loading vs. computing)."""
@@ -252,14 +279,29 @@ class SamSession:
             return None
         return AIS if self._decoder is not None else AMG
 
+    def _checked_input(self, rgb: np.ndarray) -> np.ndarray:
+        """``rgb`` as an array, once a model is chosen and it is SAM's ``(H, W, 3)`` uint8 input."""
+        if self.model is None:
+            raise SessionError("choose a model first")
+        rgb = np.asarray(rgb)
+        if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+            raise SessionError(
+                f"the SAM input must be an (H, W, 3) uint8 image; got {rgb.shape} {rgb.dtype}: "
+                f"make it with napari_raysam.annotator.image_source.sam_rgb"
+            )
+        return rgb
+
     def _cache_path(self, rgb: np.ndarray) -> Path:
         assert self.model is not None
         return embedding_cache_path(self.cache_dir, self.model.encoder_fingerprint, rgb)
 
-    def _precompute(self, rgb: np.ndarray, save_path: Path, tiled: bool, report: _Progress) -> dict[str, Any]:
-        """micro-sam's embeddings of ``rgb``: read from ``save_path`` if it holds them, else computed there."""
+    def _precompute(
+        self, rgb: np.ndarray, save_path: Path, tiled: bool, report: _Progress, predictor: SamPredictor | None = None
+    ) -> dict[str, Any]:
+        """micro-sam's embeddings of ``rgb``: read from ``save_path`` if it holds them, else computed
+        there by ``predictor`` (default: the session's)."""
         return precompute_image_embeddings(
-            self.predictor,
+            predictor or self.predictor,
             rgb,
             save_path=str(save_path),
             ndim=2,
@@ -271,7 +313,9 @@ class SamSession:
         )
 
     def _read_cache(self, rgb: np.ndarray, path: Path, tiled: bool) -> dict[str, Any] | None:
-        """The cached embeddings at ``path``, or None (with a warning) if they cannot be used."""
+        """The cached embeddings at ``path``; None if there are none, or (with a warning) if they cannot be used."""
+        if not path.exists():
+            return None
         try:
             return self._precompute(rgb, path, tiled, _Progress(None))
         # The cache is disposable: whatever makes it unreadable (a deleted chunk, other tiling,
@@ -447,3 +491,14 @@ class SamSession:
                 del generator
         report.finish()
         return np.asarray(segmentation, dtype=np.uint32)
+
+
+def _predictor(loaded: LoadedModel) -> SamPredictor:
+    """A ``SamPredictor`` around ``loaded``'s model, named as micro-sam's embedding cache checks it."""
+    predictor = SamPredictor(loaded.sam)
+    # micro-sam checks these against a cached embedding file before reading it; they name
+    # the image encoder only, so the cache is shared by fine-tunes that kept the encoder.
+    predictor.model_type = loaded.model_type
+    predictor.model_name = loaded.model_type
+    predictor._hash = loaded.encoder_fingerprint
+    return predictor

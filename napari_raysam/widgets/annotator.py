@@ -43,16 +43,16 @@ from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, expo
 from napari_raysam.annotator.image_source import (
     ImageChannels,
     ImageError,
-    check_plane,
-    content_key,
     first_axis_is_channels,
     sam_channels_choice,
-    sam_rgb,
     stack_index,
 )
 from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE
+from napari_raysam.annotator.series import prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
+from napari_raysam.widgets import annotator_series
+from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
     BOXES_LAYER,
@@ -78,6 +78,7 @@ SHORTCUTS = {
     "clear": "Shift-C",
     "undo": "U",
     "automatic": "Shift-A",
+    **annotator_series.SHORTCUTS,
 }
 
 
@@ -203,6 +204,8 @@ class AnnotatorWidget(QWidget):
             combo.setToolTip(f"Channel fed to SAM's {colour} input")
             channel_row.addWidget(combo)
         image_form.addRow("SAM R G B", channel_row)
+        self.series = SeriesPanel(self)
+        image_form.addRow("Series", self.series)
         layout.addWidget(image_box)
 
         model_box = QGroupBox("Model")
@@ -294,6 +297,7 @@ class AnnotatorWidget(QWidget):
         actions = {
             "segment": self.segment, "commit": self.commit, "toggle": self.toggle_prompt_mode,
             "clear": self.clear_prompts, "undo": self.undo, "automatic": self.automatic_segmentation,
+            "next": self.series.next, "previous": self.series.previous,
         }
         for action, slot in actions.items():
             (target or self.viewer).bind_key(SHORTCUTS[action], lambda _source, slot=slot: slot(), overwrite=True)
@@ -404,8 +408,9 @@ class AnnotatorWidget(QWidget):
             if self._chosen_layers():
                 self._say(str(error))
             self._fill_channel_combos([], ())
-            return
-        self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
+        else:
+            self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
+        self.series.refresh()
 
     def _fill_channel_combos(self, names: list[str], default: tuple[int, ...]) -> None:
         for position, combo in enumerate(self.channel_combos):
@@ -426,6 +431,19 @@ class AnnotatorWidget(QWidget):
     def _stack_index(self, channels: ImageChannels, layer: Image) -> tuple[int, ...]:
         """The slice of ``channels`` the viewer shows (``()`` for a 2D image)."""
         return stack_index(channels, layer.world_to_data(self.viewer.dims.point), self._channel_axis(layer))
+
+    def _shown_plane(self) -> tuple[ImageChannels, Image, tuple[int, ...]]:
+        """The chosen image, its first layer (whose placement the annotation follows) and the slice in view.
+
+        Raises:
+            ImageError: no image is chosen, or it cannot be annotated.
+        """
+        channels = self._read_channels()
+        layer = self._chosen_layers()[0]
+        return channels, layer, self._stack_index(channels, layer)
+
+    def _chooser_key(self) -> str:
+        return f"{self.image_combo.currentText()}|{self.layout_combo.currentIndex()}"
 
     # ------------------------------------------------------------------ model
     def _browse_model(self, folder: bool) -> None:
@@ -479,20 +497,18 @@ class AnnotatorWidget(QWidget):
             self._say("choose a model and press Load model first")
             return
         try:
-            channels = self._read_channels()
-            layer = self._chosen_layers()[0]
-            index = self._stack_index(channels, layer)
-            plane = channels.plane(index)
-            check_plane(plane, f"layer '{layer.name}'" + (f", slice {index[0]}" if index else ""))
-            rgb = sam_rgb(plane, self._sam_channels())
+            channels, layer, index = self._shown_plane()
+            sam_channels = self._sam_channels()
+            # the series panel reads, checks and hashes the next plane ahead, off the event loop
+            prepared = self.series.take(index, sam_channels) or prepare_plane(channels, index, sam_channels, layer.name)
         except ImageError as error:
             self._say(str(error))
             return
-        self._switch_plane(channels, index, layer, content_key(plane))
-        cached = self.session.is_cached(rgb)
+        self._switch_plane(channels, index, layer, prepared.key)
+        cached = self.session.is_cached(prepared.rgb)
         self._start(
             "loading cached embeddings…" if cached else "computing embeddings…",
-            lambda progress: self.session.set_image(rgb, progress),
+            lambda progress: self.session.set_image(prepared.rgb, progress),
             lambda _: self._embeddings_ready(),
         )
 
@@ -503,7 +519,7 @@ class AnnotatorWidget(QWidget):
         self._autosave()
         self.session.reset_image()
         self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
-        self._annotated_key = f"{self.image_combo.currentText()}|{self.layout_combo.currentIndex()}"
+        self._annotated_key = self._chooser_key()
         self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self._sam_channels())
         self.history.clear()
         height, width = channels.shape
@@ -511,6 +527,7 @@ class AnnotatorWidget(QWidget):
         committed = saved if saved is not None else np.zeros((height, width), np.uint32)
         self._ensure_layers(layer, committed)
         self.clear_prompts()
+        self.series.plane_switched(index, saved is not None and bool(saved.any()))
         if saved is not None:
             self._say(f"restored {len(np.unique(saved)) - 1} autosaved objects")
 
@@ -531,9 +548,11 @@ class AnnotatorWidget(QWidget):
         )
         self.viewer.layers.selection.active = self._layer(POINTS_LAYER)
         self._layer(POINTS_LAYER).mode = "add"
+        self.series.refresh()  # now the next image can be made ready
 
     def _on_slice_change(self, event=None) -> None:
         """In a stack, moving to another slice annotates that slice (its embeddings load or compute)."""
+        self.series.refresh()
         if self._channels is None or not self._channels.stack_shape or self._image_layer is None:
             return
         if self._stack_index(self._channels, self._image_layer) != self._plane_index and self._worker is None:
@@ -655,10 +674,13 @@ class AnnotatorWidget(QWidget):
         committed = self._layer(COMMITTED_LAYER)
         if self._plane_key is None or committed is None:
             return
+        labels = np.asarray(committed.data, np.uint32)
         try:
-            self.store.save(self._plane_key, np.asarray(committed.data, np.uint32), source=self._image_layer.name)
+            self.store.save(self._plane_key, labels, source=self._image_layer.name)
         except OSError as error:
             self._say(f"could not autosave the annotations ({error.strerror}): free disk space or check {self.store.root}")
+            return
+        self.series.annotations_saved(self._plane_index, bool(labels.any()))
 
     def _browse_dataset(self) -> None:
         path = QFileDialog.getExistingDirectory(self, "Dataset folder (.zarr)")

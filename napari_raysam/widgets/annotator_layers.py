@@ -107,6 +107,8 @@ class AnnotatorLayers:
         for name in (POINTS_LAYER, BOXES_LAYER):
             layer = self.get(name)
             if layer is not None and len(layer.data):
+                # napari keeps the selection of removed points; setting their size then fails
+                layer.selected_data = set()
                 layer.data = []
         current = self.get(CURRENT_LAYER)
         if current is not None and current.data.any():
