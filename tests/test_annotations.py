@@ -76,21 +76,21 @@ def test_commits_get_new_ids_and_never_overwrite_committed_objects():
     labels[0, 0] = 5  # drawn by hand
     history = CommitHistory()
     first = _disk(labels.shape, (20, 20), 8)
-    assert history.commit(labels, first) == 6
+    assert history.commit_labels(labels, first) == [6]
     overlapping = _disk(labels.shape, (20, 30), 8)
-    assert history.commit(labels, overlapping) == 7
+    assert history.commit_labels(labels, overlapping) == [7]
     assert (labels[first] == 6).all()  # the first object is intact
     assert (labels == 7).sum() == (overlapping & ~first).sum()
-    with pytest.raises(CommitError, match="undo or erase them first"):
-        history.commit(labels, first)
+    with pytest.raises(CommitError, match="object lies entirely on already committed objects; undo or erase them first"):
+        history.commit_labels(labels, first)
 
 
 def test_undo_removes_the_last_commit_only():
     labels = np.zeros((64, 64), np.uint32)
     history = CommitHistory()
-    history.commit(labels, _disk(labels.shape, (20, 20), 8))
+    history.commit_labels(labels, _disk(labels.shape, (20, 20), 8))
     before = labels.copy()
-    history.commit(labels, _disk(labels.shape, (40, 40), 8))
+    history.commit_labels(labels, _disk(labels.shape, (40, 40), 8))
     assert history.undo(labels) == [2]
     np.testing.assert_array_equal(labels, before)
     assert history.can_undo
@@ -102,7 +102,7 @@ def test_undo_removes_the_last_commit_only():
 def test_an_automatic_segmentation_is_committed_and_undone_as_one_step():
     labels = np.zeros((64, 64), np.uint32)
     history = CommitHistory()
-    history.commit(labels, _disk(labels.shape, (10, 10), 5))
+    history.commit_labels(labels, _disk(labels.shape, (10, 10), 5))
     automatic = np.zeros((64, 64), np.uint32)
     automatic[_disk(labels.shape, (10, 10), 5)] = 3  # lies entirely on the committed object
     automatic[30:40, 30:40] = 10
@@ -111,7 +111,8 @@ def test_an_automatic_segmentation_is_committed_and_undone_as_one_step():
     assert (labels[30:40, 30:40] == 2).all() and (labels[50:60, 5:15] == 3).all()
     assert history.undo(labels) == [2, 3]
     assert set(np.unique(labels)) == {0, 1}
-    assert history.commit_labels(labels, np.zeros_like(automatic)) == []
+    with pytest.raises(CommitError, match="entirely on already committed objects"):
+        history.commit_labels(labels, np.where(labels == 1, 7, 0))  # nothing is free: no undo step either
     assert history.undo(labels) == [1] and not labels.any()
 
 
@@ -119,7 +120,7 @@ def test_undo_keeps_hand_edits_made_after_the_commit():
     labels = np.zeros((64, 64), np.uint32)
     history = CommitHistory()
     mask = _disk(labels.shape, (30, 30), 10)
-    history.commit(labels, mask)
+    history.commit_labels(labels, mask)
     labels[25:35, 25:35] = 9  # painted over part of the committed object
     labels[0:5, 0:5] = 4  # painted elsewhere
     assert history.undo(labels) == [1]
@@ -130,6 +131,6 @@ def test_undo_keeps_hand_edits_made_after_the_commit():
 def test_clear_forgets_the_commits():
     labels = np.zeros((64, 64), np.uint32)
     history = CommitHistory()
-    history.commit(labels, _disk(labels.shape, (30, 30), 10))
+    history.commit_labels(labels, _disk(labels.shape, (30, 30), 10))
     history.clear()
     assert not history.can_undo and history.undo(labels) == [] and labels.any()

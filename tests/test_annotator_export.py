@@ -16,7 +16,7 @@ from napari_raysam.annotator.image_source import (
     sam_rgb,
     stack_index,
 )
-from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, prompts_from_layers
+from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts, prompts_from_layers
 from napari_raysam.annotator.session import embedding_cache_path
 from synthetic import synthetic_cells
 
@@ -101,12 +101,35 @@ def test_the_annotators_embeddings_travel_when_the_encoder_matches(tmp_path):
     assert all(dataset.embedding(s, "encoder-b") is None for s in dataset.sample_ids())
 
 
+def test_which_objects_the_prompts_ask_for_batched_or_not():
+    box_a, box_b = np.array([[0, 0], [0, 9], [9, 9], [9, 0]]), np.array([[20, 20], [20, 29], [29, 29], [29, 20]])
+    points, kinds = np.array([[40, 40], [50, 50], [5, 5]]), [POSITIVE, POSITIVE, NEGATIVE]
+    boxes_only = prompts_from_layers(np.zeros((0, 2)), [], [box_a, box_b])
+    # boxes without points are one object each, batched or not (micro-sam's 2D annotator)
+    for batched in (False, True):
+        objects = object_prompts(boxes_only, batched)
+        assert [list(o.box) for o in objects] == [[0, 0, 9, 9], [20, 20, 29, 29]] and objects[0].points is None
+    everything = prompts_from_layers(points, kinds, [box_a, box_b])
+    with pytest.raises(PromptError, match="tick Batched"):
+        object_prompts(everything, batched=False)
+    [one] = object_prompts(prompts_from_layers(points, kinds, [box_a]), batched=False)
+    assert len(one.points) == 3 and list(one.box) == [0, 0, 9, 9]
+    # batched: each box, then each positive point, is an object; the negative point goes with all
+    objects = object_prompts(everything, batched=True)
+    assert [o.box is not None for o in objects] == [True, True, False, False]
+    assert all([5, 5] in o.points.tolist() and o.labels[-1] == 0 for o in objects)
+    assert [o.points[0].tolist() for o in objects[2:]] == [[40, 40], [50, 50]] and list(objects[2].labels) == [1, 0]
+    with pytest.raises(PromptError, match="only negative points"):
+        object_prompts(prompts_from_layers(points[2:], kinds[2:], []), batched=True)
+    assert object_prompts(prompts_from_layers(np.zeros((0, 2)), [], []), batched=True) == []
+
+
 def test_prompts_channels_and_slices_from_what_the_user_chose():
     prompts = prompts_from_layers(
         np.array([[10, 20], [30, 40]]), [POSITIVE, NEGATIVE], [np.array([[5, 9], [5, 1], [2, 1], [2, 9]])]
     )
     np.testing.assert_array_equal(prompts.labels, [1, 0])
-    np.testing.assert_array_equal(prompts.box, [2, 1, 5, 9])  # [y0, x0, y1, x1] whatever the drawing order
+    np.testing.assert_array_equal(prompts.boxes, [[2, 1, 5, 9]])  # [y0, x0, y1, x1] whatever the drawing order
     assert prompts_from_layers(np.zeros((0, 2)), [], []).points is None
 
     assert sam_channels_choice(2, None, None) == (2,)

@@ -358,3 +358,45 @@ def test_a_model_with_an_instance_decoder_segments_automatically_with_it(annotat
     wait_for_worker(qtbot, widget)
     assert viewer.layers[AUTOMATIC_LAYER].data.shape == (96, 96)
     assert "automatic segmentation:" in widget.status.text()
+
+
+def test_batched_prompts_segment_many_objects_committed_as_one_step(annotator, qtbot, monkeypatch):
+    viewer, widget = annotator
+    image, truth = synthetic_cells(np.random.default_rng(4), shape=(128, 128), n_channels=1, n_cells=5)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+
+    def box_or_disk(points=None, point_labels=None, box=None):
+        """A stand-in SAM (random weights propose nothing reliable): the box filled, or a disk at the positive point."""
+        mask = np.zeros((128, 128), bool)
+        if box is not None:
+            y0, x0, y1, x1 = np.rint(box).astype(int)
+            mask[y0:y1 + 1, x0:x1 + 1] = True
+        else:
+            y, x = np.asarray(points)[np.asarray(point_labels) == 1][0]
+            yy, xx = np.ogrid[:128, :128]
+            mask[(yy - y) ** 2 + (xx - x) ** 2 <= 36] = True
+        return mask
+
+    monkeypatch.setattr(widget.session, "segment", box_or_disk)
+    boxes = viewer.layers[BOXES_LAYER]
+    for object_id in (1, 2):
+        ys, xs = np.nonzero(truth == object_id)
+        boxes.add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
+    viewer.layers[POINTS_LAYER].add(np.argwhere(truth == 3)[0])
+    click(qtbot, widget.segment_button)
+    assert "tick Batched" in widget.status.text()  # points and two boxes: which object is which?
+    assert not viewer.layers[CURRENT_LAYER].data.any()
+
+    widget.batched_check.setChecked(True)
+    click(qtbot, widget.segment_button)
+    wait_for_worker(qtbot, widget)  # several objects are segmented in the background
+    proposed = viewer.layers[CURRENT_LAYER].data
+    assert set(np.unique(proposed)) == {0, 1, 2, 3} and widget.status.text().startswith("proposed 3 objects")
+    viewer.screenshot("/tmp/napari_raysam_batched.png", canvas_only=False)  # looked at by the engineer
+    press(qtbot, viewer, Qt.Key.Key_C)
+    committed = viewer.layers[COMMITTED_LAYER].data
+    assert set(np.unique(committed)) == {0, 1, 2, 3} and widget.status.text() == "committed 3 objects (1–3)"
+    assert len(boxes.data) == 0 and len(viewer.layers[POINTS_LAYER].data) == 0
+    press(qtbot, viewer, Qt.Key.Key_U)  # one undo takes back the batch
+    assert not viewer.layers[COMMITTED_LAYER].data.any() and widget.status.text() == "undone: 3 objects removed"

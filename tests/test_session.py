@@ -15,6 +15,7 @@ from synthetic import synthetic_cells
 from backend.models import build_sam, save_model_folder
 from napari_raysam.annotator import session as session_module
 from napari_raysam.annotator.image_source import sam_rgb
+from napari_raysam.annotator.prompts import ObjectPrompt
 from napari_raysam.annotator.session import AIS, AMG, SamSession, SessionError
 
 MODEL = "random:tiny"
@@ -204,6 +205,30 @@ def test_a_box_is_clipped_to_the_image(session):
 def test_prompts_that_cannot_segment_are_refused(session, prompts, message):
     with pytest.raises(SessionError, match=message):
         session.segment(**prompts)
+
+
+def test_several_objects_get_their_own_ids_and_overlaps_go_to_the_smaller(session, monkeypatch):
+    big, small, empty = np.zeros((3, 128, 128), bool)
+    big[10:60, 10:60], small[40:50, 40:80] = True, True
+    masks = {1: big, 2: small, 3: empty}
+    monkeypatch.setattr(session, "segment", lambda points, labels, box: masks[int(box[0])])
+    progress = []
+    labels = session.segment_objects(
+        [ObjectPrompt(None, None, np.array([k, 0, 5, 5])) for k in (1, 2, 3)], lambda *p: progress.append(p)
+    )
+    assert labels.dtype == np.uint32 and set(np.unique(labels)) == {0, 1, 2}  # the empty third has no pixels
+    assert (labels[small] == 2).all() and (labels[big & ~small] == 1).all()
+    assert progress[-1] == (3, 3)
+
+
+def test_batched_objects_are_segmented_as_one_object_each_and_errors_name_the_object(session):
+    objects = [ObjectPrompt(None, None, np.array([40.0, 40.0, 80.0, 90.0])), ObjectPrompt(np.array([[60.0, 20.0]]), np.array([1]), None)]
+    labels = session.segment_objects(objects)
+    for object_id, prompt in enumerate(objects, 1):
+        alone = session.segment(prompt.points, prompt.labels, prompt.box)
+        assert (labels == object_id).sum() <= alone.sum() and not (labels == object_id)[~alone].any()
+    with pytest.raises(SessionError, match="object 2 of 2: the box lies outside the image"):
+        session.segment_objects([objects[0], ObjectPrompt(None, None, np.array([200.0, 200, 300, 300]))])
 
 
 def test_segment_needs_an_image():

@@ -127,48 +127,28 @@ class CommitHistory:
         """Forget all commits (when another image is annotated)."""
         self._steps.clear()
 
-    def commit(self, labels: np.ndarray, mask: np.ndarray) -> int:
-        """Write ``mask`` into ``labels`` in place as a new object, on background pixels only.
-
-        Args:
-            labels: ``(H, W)`` integer instance ids (0 = background), changed in place.
-            mask: ``(H, W)`` bool, the object.
-
-        Returns:
-            The new object's id, ``labels.max() + 1``.
-
-        Raises:
-            CommitError: if every pixel of ``mask`` already belongs to a committed object.
-        """
-        _check_shapes(labels, mask)
-        free = np.asarray(mask, dtype=bool) & (labels == 0)
-        if not free.any():
-            raise CommitError(
-                "the object lies entirely on already committed objects; undo or erase them first"
-            )
-        new_id = int(labels.max()) + 1
-        box = _bounding_box(free)
-        self._write(labels, box, np.where(free[box], new_id, 0).astype(labels.dtype), (new_id,))
-        return new_id
-
     def commit_labels(self, labels: np.ndarray, instance_labels: np.ndarray) -> list[int]:
-        """Commit every object of an automatic segmentation as new ids, as one undo step.
+        """Commit every object of ``instance_labels`` with a new id, on background pixels only, as
+        one undo step: the objects SAM proposed for the prompts, or an automatic segmentation.
 
         Args:
             labels: ``(H, W)`` integer instance ids (0 = background), changed in place.
-            instance_labels: ``(H, W)`` uint32 instance ids of the objects to add.
+            instance_labels: ``(H, W)`` integer instance ids of the objects to add.
 
         Returns:
             The new ids, consecutive from ``labels.max() + 1`` in the order of the objects'
-            ids; objects lying entirely on committed ones get none. ``[]`` (and no undo step)
-            if nothing was added.
+            ids; objects lying entirely on committed ones get none.
+
+        Raises:
+            CommitError: if every object lies entirely on committed objects (nothing is added).
         """
         _check_shapes(labels, instance_labels)
         instance_labels = np.asarray(instance_labels)
         free = (instance_labels != 0) & (labels == 0)
         object_ids, new_values = np.unique(instance_labels[free], return_inverse=True)
         if not len(object_ids):
-            return []
+            what = "object lies" if len(np.unique(instance_labels)) <= 2 else "objects lie"
+            raise CommitError(f"the {what} entirely on already committed objects; undo or erase them first")
         first = int(labels.max()) + 1
         box = _bounding_box(free)
         written = np.zeros(labels[box].shape, labels.dtype)

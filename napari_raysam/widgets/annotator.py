@@ -22,6 +22,7 @@ from napari.layers import Image
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -48,7 +49,7 @@ from napari_raysam.annotator.image_source import (
     stack_index,
 )
 from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
-from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE
+from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
 from napari_raysam.annotator.series import prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets import annotator_series
@@ -233,11 +234,18 @@ class AnnotatorWidget(QWidget):
         self.embed_button = QPushButton("Compute embeddings", toolTip="Run SAM's image encoder on the current image (cached on disk)")
         self.embed_button.clicked.connect(self.compute_embeddings)
         sam_layout.addWidget(self.embed_button)
-        self.prompt_mode_label = QLabel()
-        sam_layout.addWidget(self.prompt_mode_label)
         row = QHBoxLayout()
-        self.segment_button = self._button(row, "Segment", "segment", "Show the object for the current prompts", self.segment)
-        self.commit_button = self._button(row, "Commit", "commit", "Add the shown object to the committed objects", self.commit)
+        self.prompt_mode_label = QLabel()
+        row.addWidget(self.prompt_mode_label, stretch=1)
+        self.batched_check = QCheckBox("Batched", toolTip=(
+            "Segment many objects at once: every box and every positive point is an object of its own; "
+            "negative points apply to all. Unticked, boxes without points are still one object each"
+        ))
+        row.addWidget(self.batched_check)
+        sam_layout.addLayout(row)
+        row = QHBoxLayout()
+        self.segment_button = self._button(row, "Segment", "segment", "Show the objects for the current prompts", self.segment)
+        self.commit_button = self._button(row, "Commit", "commit", "Add the shown objects to the committed objects, each with a new id", self.commit)
         sam_layout.addLayout(row)
         row = QHBoxLayout()
         self.toggle_button = self._button(row, "Positive/negative", "toggle", "Switch the next points between positive and negative", self.toggle_prompt_mode)
@@ -584,39 +592,61 @@ class AnnotatorWidget(QWidget):
         self._set_prompt_mode(NEGATIVE if self._prompt_mode == POSITIVE else POSITIVE)
 
     def segment(self) -> None:
-        """Show the object SAM proposes for the current points and box in the current-object layer."""
+        """Show the objects SAM proposes for the current points and boxes in the current-object layer.
+
+        One object is segmented at once; several (batched, or several boxes) in the background."""
         if self._worker is not None or self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
-        prompts = self.layers.prompts()
         try:
-            mask = self.session.segment(prompts.points, prompts.labels, prompts.box)
-        except SessionError as error:
+            objects = object_prompts(self.layers.prompts(), self.batched_check.isChecked())
+        except PromptError as error:
             self._say(str(error))
             return
-        self._layer(CURRENT_LAYER).data = mask.astype(np.uint8)
-        self._say(f"proposed object: {int(mask.sum())} pixels. Commit [C] keeps it; add points to correct it")
+        if not objects:
+            self._say("add a positive point or a box first")
+        elif len(objects) == 1:
+            try:
+                self._show_proposal(self.session.segment_objects(objects))
+            except SessionError as error:
+                self._say(str(error))
+        else:
+            self._start(
+                f"segmenting {len(objects)} objects…",
+                lambda progress: self.session.segment_objects(objects, progress),
+                self._show_proposal,
+            )
+
+    def _show_proposal(self, labels: np.ndarray) -> None:
+        self._layer(CURRENT_LAYER).data = labels
+        found = len(np.unique(labels[labels > 0]))
+        if found <= 1:
+            self._say(f"proposed object: {int((labels > 0).sum())} pixels. Commit [C] keeps it; add points to correct it")
+        else:
+            empty = int(labels.max()) - found
+            self._say(f"proposed {found} objects" + (f" ({empty} prompts gave none)" if empty else "") + ". Commit [C] keeps them all")
 
     def clear_prompts(self) -> None:
         """Drop all points, boxes and the shown object."""
         self.layers.clear_prompts()
 
     def commit(self) -> None:
-        """Write the shown object into the committed objects with a new id, then clear the prompts."""
+        """Write the shown objects into the committed objects, each with a new id (one undo step),
+        then clear the prompts."""
         current = self._layer(CURRENT_LAYER)
         if current is None or not current.data.any():
             self._say("nothing to commit: Segment [S] an object first")
             return
         committed = self._layer(COMMITTED_LAYER)
         try:
-            object_id = self.history.commit(committed.data, current.data > 0)
+            ids = self.history.commit_labels(committed.data, np.asarray(current.data, np.uint32))
         except CommitError as error:
             self._say(str(error))
             return
         committed.refresh()
         self.clear_prompts()
         self._autosave()
-        self._say(f"committed object {object_id}")
+        self._say(f"committed object {ids[0]}" if len(ids) == 1 else f"committed {len(ids)} objects ({ids[0]}–{ids[-1]})")
         self._update_buttons()
 
     def undo(self) -> None:
