@@ -29,12 +29,12 @@ import numpy as np
 import torch
 from elf.evaluation import mean_segmentation_accuracy
 from micro_sam.instance_segmentation import AutomaticMaskGenerator
-from micro_sam.util import get_centers_and_bounding_boxes
 from segment_anything import SamPredictor
 from segment_anything.modeling import Sam
 
 from backend.dataset import Dataset, open_dataset
 from backend.models import load_model, set_predictor_image
+from backend.object_prompts import check_image_pair, mask_iou, object_prompts
 
 # The automatic mask generator costs one decoder pass per grid point. vit_t's decoder took
 # 0.03 s per point on a 16-core CPU, so 12 x 12 = 144 points (plus 0.4 s for the embedding) is
@@ -128,7 +128,7 @@ def evaluate_images(
     try:
         with torch.inference_mode():
             for done, (image, label) in enumerate(zip(images, labels), start=1):
-                _check_pair(done - 1, image, label)
+                check_image_pair(done - 1, image, label)
                 set_predictor_image(predictor, image)
                 has_objects = bool(label.any())
                 if has_objects:
@@ -226,21 +226,9 @@ class _LazyImages(Sequence[np.ndarray]):
         return self._dataset.sam_image(self._sample_ids[index])
 
 
-def _check_pair(index: int, image: np.ndarray, label: np.ndarray) -> None:
-    if image.ndim != 3 or image.shape[0] != 3:
-        raise ValueError(f"Image {index} has shape {image.shape}; expected (3, H, W) channel-first RGB in [0, 255].")
-    if label.shape != image.shape[1:]:
-        raise ValueError(f"Labels {index} have shape {label.shape}; expected (H, W) = {image.shape[1:]}.")
-
-
 def _prompted_ious(predictor: SamPredictor, label: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
     """Return the ``(N,)`` box-prompt and point-prompt IoUs of the N objects in ``label``."""
-    centers, bboxes = get_centers_and_bounding_boxes(label)
-    object_ids = sorted(bboxes)
-    # skimage bboxes are (min_row, min_col, max_row, max_col); SAM wants XYXY, same exclusive max.
-    boxes = torch.tensor([[b[1], b[0], b[3], b[2]] for b in map(bboxes.get, object_ids)], dtype=torch.float32)
-    # Centres are (row, col); SAM points are (x, y).
-    points = torch.tensor([[centers[i][::-1]] for i in object_ids], dtype=torch.float32)
+    object_ids, boxes, points = object_prompts(label)
     point_labels = torch.ones(points.shape[:2], dtype=torch.int64)
     truth = torch.as_tensor(label.astype(np.int64), device=predictor.device)
     original_size = predictor.original_size
@@ -256,7 +244,7 @@ def _prompted_ious(predictor: SamPredictor, label: np.ndarray) -> tuple[torch.Te
             boxes=predictor.transform.apply_boxes_torch(boxes[batch], original_size).to(predictor.device),
             multimask_output=False,
         )
-        box_ious.append(_mask_iou(box_masks[:, 0], true_masks))
+        box_ious.append(mask_iou(box_masks[:, 0], true_masks))
 
         point_masks, predicted_ious, _ = predictor.predict_torch(
             predictor.transform.apply_coords_torch(points[batch], original_size).to(predictor.device),
@@ -264,15 +252,8 @@ def _prompted_ious(predictor: SamPredictor, label: np.ndarray) -> tuple[torch.Te
             multimask_output=True,
         )
         best = predicted_ious.argmax(dim=1)
-        point_ious.append(_mask_iou(point_masks[torch.arange(len(best), device=best.device), best], true_masks))
+        point_ious.append(mask_iou(point_masks[torch.arange(len(best), device=best.device), best], true_masks))
     return torch.cat(box_ious).cpu(), torch.cat(point_ious).cpu()
-
-
-def _mask_iou(predicted: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
-    """IoU of ``(N, H, W)`` bool masks, pairwise along N; ``true`` masks are never empty."""
-    intersection = (predicted & true).sum(dim=(1, 2))
-    union = (predicted | true).sum(dim=(1, 2))
-    return intersection.double() / union.double()
 
 
 def _automatic_segmentation(predictor: SamPredictor, image: np.ndarray, points_per_side: int) -> np.ndarray:
