@@ -107,10 +107,10 @@ def score(model: LoadedModel, test: Path) -> dict:
     )
 
 
-def scored_objects(labels: np.ndarray) -> np.ndarray:
-    """``labels`` with all but ``SCORED_OBJECTS`` evenly spread object ids set to 0."""
+def scored_objects(labels: np.ndarray, n: int = SCORED_OBJECTS) -> np.ndarray:
+    """``labels`` with all but ``n`` evenly spread object ids set to 0."""
     object_ids = np.unique(labels[labels > 0])
-    keep = object_ids[np.linspace(0, len(object_ids) - 1, min(len(object_ids), SCORED_OBJECTS)).round().astype(int)]
+    keep = object_ids[np.linspace(0, len(object_ids) - 1, min(len(object_ids), n)).round().astype(int)]
     return np.where(np.isin(labels, keep), labels, 0).astype(labels.dtype)
 
 

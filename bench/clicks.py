@@ -1,0 +1,104 @@
+"""The human-in-the-loop gain (issue 8): clicks per held-out object before and after one round of fine-tuning.
+
+Start model ``random:vit_t``; the demo's CTC HeLa datasets (``common.hela_dataset``, as
+bench/learning_curve.py): train on frames 0-10 (even), validate on 12 and 14, report on the
+held-out frames 17 and 19, which choose nothing. Clicks come from ``backend.simulated_annotator``:
+the box first, then one corrective click in the largest error region, until IoU >= 0.9 or 8
+clicks (the box counts as click 1), on ``--objects`` evenly spread objects per held-out frame
+(``napari_raysam.demo.scored_objects``, as the demo and evaluation's figures pick them).
+
+Per seed: one ``--minutes`` round of decoder-mode fine-tuning with the default (fast) recipe, as
+``napari-raysam train --minutes M`` runs it (``backend.training.train`` in this process, no Ray;
+the epoch of lowest val loss is exported), then the clicks of the exported model. The start
+model's clicks are measured once: ``random:vit_t``'s weights (seed 0) and the annotator are
+deterministic, so every seed starts from the same figure. The embeddings of the training
+frames are cached in the run storage, so only the first seed computes them.
+
+    .venv/bin/python bench/clicks.py [--minutes 5] [--seeds 3] [--objects 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from segment_anything import SamPredictor
+
+from backend.config import TrainConfig
+from backend.dataset import open_dataset
+from backend.models import load_model
+from backend.simulated_annotator import click_summary, simulate_annotator
+from backend.training import train
+from common import hela_dataset, machine
+from napari_raysam.cli import EPOCH_CAP
+from napari_raysam.demo import scored_objects
+
+START_MODEL = "random:vit_t"
+
+
+def held_out_clicks(model: str, test: Path, objects: int) -> dict:
+    """The simulated annotator's summary (``click_summary``) of ``model`` on the held-out frames, plus its seconds."""
+    started = time.perf_counter()
+    dataset = open_dataset(test)
+    ids = dataset.require_objects("val")
+    labels = [scored_objects(dataset.labels(i), objects) for i in ids]
+
+    def progress(done: int, total: int) -> None:
+        if done % 10 == 0 or done == total:
+            print(f"    {done}/{total} objects, {time.perf_counter() - started:.0f} s", flush=True)
+
+    results = simulate_annotator(
+        SamPredictor(load_model(model).sam), [dataset.sam_image(i) for i in ids], labels, progress=progress
+    )
+    return {**click_summary(results), "clicks": [r.clicks for r in results], "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=5.0, help="training time budget per seed")
+    parser.add_argument("--seeds", type=int, default=3, help="training seeds 0, 1, ...")
+    # 60 of each frame's ~190 objects: 3 seeds of 5 minutes take about 30 minutes on the 2 shared cores
+    parser.add_argument("--objects", type=int, default=60, help="evenly spread held-out objects per frame")
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    started = time.perf_counter()
+    print(machine(), "| load:", os.getloadavg(), flush=True)
+    work = Path(tempfile.mkdtemp(prefix="bench-clicks-"))
+    data = hela_dataset(work / "data")
+    test = data.parent / "hela_test.zarr"
+
+    print(f"start model {START_MODEL} | load {os.getloadavg()}", flush=True)
+    before = held_out_clicks(START_MODEL, test, args.objects)
+    print(f"  before: {before['mean_clicks']:.2f} clicks per object, {before['reached']:.0%} reached IoU 0.9, "
+          f"mean final IoU {before['mean_iou']:.3f} ({before['n_objects']} objects, {before['seconds']:.0f} s)",
+          flush=True)
+    rows = []
+    for seed in range(args.seeds):
+        config = TrainConfig(
+            data=str(data), storage=str(work / "runs"), model=START_MODEL, mode="decoder",
+            minutes=args.minutes, epochs=EPOCH_CAP, seed=seed, run_name=f"seed-{seed}",
+        )
+        print(f"seed {seed}: {args.minutes} minutes of {config.recipe} recipe | load {os.getloadavg()}", flush=True)
+        epochs = []
+        model = train(config, on_epoch=epochs.append)
+        print(f"  {len(epochs)} epochs, val IoU {epochs[0].val_iou:.3f} -> {epochs[-1].val_iou:.3f}", flush=True)
+        after = held_out_clicks(str(model), test, args.objects)
+        print(f"  after: {after['mean_clicks']:.2f} clicks per object, {after['reached']:.0%} reached IoU 0.9, "
+              f"mean final IoU {after['mean_iou']:.3f} ({after['seconds']:.0f} s) | load {os.getloadavg()}",
+              flush=True)
+        rows.append({"seed": seed, "epochs": len(epochs), "val_iou": [e.val_iou for e in epochs], "after": after})
+
+    gains = [before["mean_clicks"] - row["after"]["mean_clicks"] for row in rows]
+    print(f"mean clicks before {before['mean_clicks']:.2f}, after "
+          f"{sum(r['after']['mean_clicks'] for r in rows) / len(rows):.2f} (fewer by {', '.join(f'{g:.2f}' for g in gains)}"
+          f" per seed) | {time.perf_counter() - started:.0f} s in all | load {os.getloadavg()}", flush=True)
+    print(json.dumps({"args": vars(args), "before": before, "seeds": rows}))
+
+
+if __name__ == "__main__":
+    main()
