@@ -20,8 +20,8 @@ def wait_until_idle(qtbot, widget: AnnotatorWidget) -> None:
 def record_status(monkeypatch, widget: AnnotatorWidget) -> list[str]:
     """Every status line the dock shows from now on (a cached image loads too fast to see it in the label)."""
     said: list[str] = []
-    say = widget._say
-    monkeypatch.setattr(widget, "_say", lambda text: (said.append(text), say(text)))
+    set_text = widget.status.setText
+    monkeypatch.setattr(widget.status, "setText", lambda text: (said.append(text), set_text(text)))
     return said
 
 
@@ -51,8 +51,8 @@ def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeyp
 
     said.clear()
     press(qtbot, viewer, Qt.Key.Key_N)
-    assert said[0] == "loading cached embeddings…"
     wait_for_worker(qtbot, widget)
+    assert said[:2] == ["reading the image…", "loading cached embeddings…"]
     assert widget._plane_index == (1,) and viewer.dims.current_step[0] == 1
     assert not viewer.layers[COMMITTED_LAYER].data.any()
     assert series.label.text() == "image 2 of 3 · 1 of 3 annotated" and series.previous_button.isEnabled()
@@ -71,8 +71,8 @@ def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeyp
     wait_until_idle(qtbot, widget)
     said.clear()
     press(qtbot, viewer, Qt.Key.Key_N)  # image 3: the last one, made ready while image 2 was shown
-    assert said[0] == "loading cached embeddings…"
     wait_for_worker(qtbot, widget)
+    assert said[:2] == ["reading the image…", "loading cached embeddings…"]
     assert widget._plane_index == (2,) and not series.next_button.isEnabled()
     press(qtbot, viewer, Qt.Key.Key_N)
     assert "this is the last of the series" in widget.status.text() and widget._plane_index == (2,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import npe2
@@ -13,6 +14,7 @@ from qtpy.QtCore import Qt
 
 from backend.dataset import open_dataset
 from backend.models import load_model, save_model_folder
+from napari_raysam.widgets import annotator as annotator_module
 from napari_raysam.widgets.annotator import (
     AUTOMATIC_LAYER,
     BOXES_LAYER,
@@ -400,3 +402,35 @@ def test_batched_prompts_segment_many_objects_committed_as_one_step(annotator, q
     assert len(boxes.data) == 0 and len(viewer.layers[POINTS_LAYER].data) == 0
     press(qtbot, viewer, Qt.Key.Key_U)  # one undo takes back the batch
     assert not viewer.layers[COMMITTED_LAYER].data.any() and widget.status.text() == "undone: 3 objects removed"
+
+
+def test_a_plane_is_read_hashed_and_restored_off_the_event_loop_and_locked_meanwhile(annotator, qtbot, monkeypatch):
+    viewer, widget = annotator
+    stack = np.stack([synthetic_cells(np.random.default_rng(k), shape=(96, 96), n_channels=1, n_cells=3)[0][0] for k in range(6)])
+    viewer.add_image(stack, name="frames")
+    embed(qtbot, widget)
+    viewer.layers[CURRENT_LAYER].data[10:20, 10:20] = 1
+    click(qtbot, widget.commit_button)
+    [start] = widget._plane_index
+    threads, release = [], threading.Event()
+    prepare = annotator_module.prepare_plane
+
+    def slow_prepare(*args):
+        threads.append(threading.current_thread())
+        release.wait(timeout=30)  # a 10,000 x 10,000 plane: seconds of reading, scaling and hashing
+        return prepare(*args)
+
+    monkeypatch.setattr(annotator_module, "prepare_plane", slow_prepare)
+    viewer.dims.set_point(0, start + 2)  # another slice
+    qtbot.waitUntil(lambda: bool(threads))
+    assert threads[0] is not threading.main_thread()
+    # the previous plane's objects are still shown; nobody may paint them while the new plane is read
+    committed = viewer.layers[COMMITTED_LAYER]
+    assert committed.data[15, 15] == 1 and not committed.editable
+    release.set()
+    wait_for_worker(qtbot, widget)
+    assert widget._plane_index == (start + 2,) and committed.editable and not committed.data.any()
+    viewer.dims.set_point(0, start)  # back: the first slice's object is restored, also read in the worker
+    wait_for_worker(qtbot, widget)
+    assert committed.data[15, 15] == 1 and widget.status.text().startswith("restored 1 autosaved objects;")
+    assert len(threads) == 2 and threads[1] is not threading.main_thread()

@@ -48,7 +48,13 @@ class _ChannelView:
         full = [slice(None)] * self.ndim
         full[: len(index)] = index
         full.insert(self._axis, self._channel)
-        return np.asarray(self._array[tuple(full)])
+        part = self._array[tuple(full)]
+        if hasattr(part, "compute"):  # dask
+            # Read in the calling thread with no callbacks: without them dask swaps its global
+            # callback set in and out, which breaks napari's dask cache when napari reads the same
+            # array on the event loop while a worker reads a plane (KeyError in the cache).
+            part = part.compute(scheduler="sync", callbacks=[])
+        return np.asarray(part)
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return np.asarray(self[()], dtype=dtype)

@@ -50,7 +50,7 @@ from napari_raysam.annotator.image_source import (
 )
 from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
-from napari_raysam.annotator.series import prepare_plane
+from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets import annotator_series
 from napari_raysam.widgets.annotator_series import SeriesPanel
@@ -92,9 +92,11 @@ def _combo(tip: str) -> QComboBox:
 
 
 class _Progress(QObject):
-    """Carries ``(done, total)`` from a worker thread to the progress bar (queued across threads)."""
+    """Carries ``(done, total)`` to the progress bar and status lines to the dock, from a worker
+    thread (queued across threads)."""
 
     changed = Signal(int, int)
+    status = Signal(str)
 
 
 _ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakValueDictionary()
@@ -142,6 +144,7 @@ class AnnotatorWidget(QWidget):
         self._after_worker: Callable[[], None] | None = None  # what a finished worker's result asked for next
         self._progress = _Progress()
         self._progress.changed.connect(self._show_progress)
+        self._progress.status.connect(self._say)
         self._autosave_timer = QTimer(self, singleShot=True, interval=_AUTOSAVE_DELAY_MS)
         self._autosave_timer.timeout.connect(self._autosave)
 
@@ -498,7 +501,12 @@ class AnnotatorWidget(QWidget):
 
     # ------------------------------------------------------------------ embeddings
     def compute_embeddings(self) -> None:
-        """Read the current image (slice), restore its autosaved objects, and embed it in the background."""
+        """Read the current image (slice), restore its autosaved objects, and embed it in the background.
+
+        Reading the plane, scaling it for SAM, hashing it and loading its saved objects take
+        seconds for a large image, so all of it runs in the worker; meanwhile the committed
+        objects shown (still the previous plane's) cannot be edited.
+        """
         if self._worker is not None:
             return
         if self.session.model is None:
@@ -507,37 +515,44 @@ class AnnotatorWidget(QWidget):
         try:
             channels, layer, index = self._shown_plane()
             sam_channels = self._sam_channels()
-            # the series panel reads, checks and hashes the next plane ahead, off the event loop
-            prepared = self.series.take(index, sam_channels) or prepare_plane(channels, index, sam_channels, layer.name)
         except ImageError as error:
             self._say(str(error))
             return
-        self._switch_plane(channels, index, layer, prepared.key)
-        cached = self.session.is_cached(prepared.rgb)
-        self._start(
-            "loading cached embeddings…" if cached else "computing embeddings…",
-            lambda progress: self.session.set_image(prepared.rgb, progress),
-            lambda _: self._embeddings_ready(),
-        )
-
-    def _switch_plane(self, channels: ImageChannels, index: tuple[int, ...], layer: Image, key: str) -> None:
-        """Make ``key``'s plane the annotated one: save the previous one, show this one's saved objects."""
-        if key == self._plane_key:
-            return
+        ready = self.series.take(index, sam_channels)  # read, checked and embedded ahead by the series row
         self._autosave()
-        self.session.reset_image()
+        self._set_editable(False)
+        session, store, status = self.session, self.store, self._progress.status
+
+        def read_and_embed(progress) -> tuple[PreparedPlane, np.ndarray | None, int]:
+            prepared = ready or prepare_plane(channels, index, sam_channels, layer.name)
+            saved = store.load(prepared.key, channels.shape)
+            objects = len(np.unique(saved)) - 1 if saved is not None else 0  # seconds for a large image
+            status.emit("loading cached embeddings…" if session.is_cached(prepared.rgb) else "computing embeddings…")
+            session.set_image(prepared.rgb, progress)
+            return prepared, saved, objects
+
+        self._start("reading the image…", read_and_embed, lambda result: self._embeddings_ready(channels, index, layer, *result))
+
+    def _switch_plane(
+        self, channels: ImageChannels, index: tuple[int, ...], layer: Image, key: str, saved: np.ndarray | None, objects: int
+    ) -> None:
+        """Make ``key``'s plane the annotated one, showing ``saved``, its autosaved labels (None: none)
+        holding ``objects`` objects."""
+        self._autosave()
         self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
         self._annotated_key = self._chooser_key()
         self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self._sam_channels())
         self.history.clear()
         height, width = channels.shape
-        saved = self.store.load(key, (height, width))
         committed = saved if saved is not None else np.zeros((height, width), np.uint32)
         self._ensure_layers(layer, committed)
         self.clear_prompts()
-        self.series.plane_switched(index, saved is not None and bool(saved.any()))
-        if saved is not None:
-            self._say(f"restored {len(np.unique(saved)) - 1} autosaved objects")
+        self.series.plane_switched(index, objects > 0)
+
+    def _set_editable(self, editable: bool) -> None:
+        committed = self._layer(COMMITTED_LAYER)
+        if committed is not None:
+            committed.editable = editable
 
     def _forget_image(self) -> None:
         """The annotated image was closed: its objects are saved; nothing refers to it any more."""
@@ -547,11 +562,18 @@ class AnnotatorWidget(QWidget):
         self._channels, self._plane_index, self._plane_key, self._image_layer = None, (), None, None
         self._update_buttons()
 
-    def _embeddings_ready(self) -> None:
+    def _embeddings_ready(
+        self, channels: ImageChannels, index: tuple[int, ...], layer: Image,
+        prepared: PreparedPlane, saved: np.ndarray | None, objects: int,
+    ) -> None:
+        restored = ""
+        if prepared.key != self._plane_key:  # else the same plane again (another model): its layers are as they were
+            self._switch_plane(channels, index, layer, prepared.key, saved, objects)
+            restored = f"restored {objects} autosaved objects; " if saved is not None else ""
         height, width = self.session.image_shape
         tiled = " (tiled)" if self.session.tiled else ""
         self._say(
-            f"embeddings ready for {height} x {width}{tiled}. Click cells in '{POINTS_LAYER}' (T switches "
+            f"{restored}embeddings ready for {height} x {width}{tiled}. Click cells in '{POINTS_LAYER}' (T switches "
             f"positive/negative) or draw boxes in '{BOXES_LAYER}', then Segment [S] and Commit [C]"
         )
         self.viewer.layers.selection.active = self._layer(POINTS_LAYER)
@@ -768,6 +790,7 @@ class AnnotatorWidget(QWidget):
 
     def _finished(self) -> None:
         self._worker = None
+        self._set_editable(True)  # locked while a plane was read: that plane, or (on failure) the previous one, is shown
         self.progress_bar.setVisible(False)
         self._update_buttons()
         follow_up, self._after_worker = self._after_worker, None
