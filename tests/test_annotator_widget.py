@@ -354,6 +354,8 @@ def test_a_model_with_an_instance_decoder_segments_automatically_with_it(annotat
     click(qtbot, widget.load_model_button)
     wait_for_worker(qtbot, widget)
     assert "instance decoder" in widget.model_label.text() and not widget.grid_spin.isEnabled()
+    spins = widget.automatic_settings.spins
+    assert spins["center_distance_threshold"].isEnabled() and not spins["pred_iou_thresh"].isEnabled()
     click(qtbot, widget.embed_button)
     wait_for_worker(qtbot, widget)
     click(qtbot, widget.automatic_button)
@@ -434,3 +436,27 @@ def test_a_plane_is_read_hashed_and_restored_off_the_event_loop_and_locked_meanw
     wait_for_worker(qtbot, widget)
     assert committed.data[15, 15] == 1 and widget.status.text().startswith("restored 1 autosaved objects;")
     assert len(threads) == 2 and threads[1] is not threading.main_thread()
+
+
+def test_automatic_segmentation_uses_the_settings_shown(annotator, qtbot, monkeypatch):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(5), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    settings = widget.automatic_settings
+    assert not settings.fold.isVisible()  # folded away until asked for
+    click(qtbot, settings.toggle)
+    assert settings.fold.isVisible()
+    spins = settings.spins
+    assert spins["pred_iou_thresh"].isEnabled() and not spins["boundary_distance_threshold"].isEnabled()  # a point grid model
+    spins["pred_iou_thresh"].setValue(0.5)
+    spins["min_object_size"].setValue(40)
+    widget.grid_spin.setValue(6)
+    calls = []
+    monkeypatch.setattr(widget.session, "automatic_segmentation", lambda progress, **kwargs: calls.append(kwargs) or np.zeros((96, 96), np.uint32))
+    viewer.screenshot("/tmp/napari_raysam_automatic_settings.png", canvas_only=False)  # looked at by the engineer
+    click(qtbot, widget.automatic_button)
+    wait_for_worker(qtbot, widget)
+    [used] = calls
+    assert used["points_per_side"] == 6 and used["pred_iou_thresh"] == 0.5 and used["min_object_size"] == 40
+    assert used["stability_score_thresh"] == 0.95  # micro-sam's default, untouched

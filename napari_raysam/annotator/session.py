@@ -478,7 +478,8 @@ class SamSession:
                 min_mask_region_area: AMG only.
             center_distance_threshold, boundary_distance_threshold: AIS only; seeds are where both
                 predicted distances are below them.
-            min_object_size: AIS only; objects of fewer pixels are removed.
+            min_object_size: objects of fewer pixels are removed (AIS: by micro-sam's ``min_size``;
+                AMG: afterwards, the others renumbered from 1).
 
         Returns:
             ``(H, W)`` uint32 instance ids, 0 = background; all zeros if nothing was found.
@@ -526,8 +527,20 @@ class SamSession:
                     output_mode="instance_segmentation",
                 )
                 del generator
+            segmentation = _without_small_objects(np.asarray(segmentation, dtype=np.uint32), min_object_size)
         report.finish()
         return np.asarray(segmentation, dtype=np.uint32)
+
+
+def _without_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
+    """``(H, W)`` uint32 ``labels`` without the objects of fewer than ``min_size`` pixels, renumbered 1..N."""
+    if min_size <= 0:
+        return labels
+    ids, counts = np.unique(labels, return_counts=True)
+    kept = ids[(counts >= min_size) & (ids != 0)]
+    lookup = np.zeros(int(ids.max()) + 1, np.uint32)
+    lookup[kept] = np.arange(1, len(kept) + 1, dtype=np.uint32)
+    return lookup[labels]
 
 
 def _predictor(loaded: LoadedModel) -> SamPredictor:

@@ -53,6 +53,7 @@ from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, obj
 from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets import annotator_series
+from napari_raysam.widgets.annotator_automatic import AutomaticSettings
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -265,6 +266,8 @@ class AnnotatorWidget(QWidget):
         self.commit_automatic_button.clicked.connect(self.commit_automatic)
         row.addWidget(self.commit_automatic_button)
         sam_layout.addLayout(row)
+        self.automatic_settings = AutomaticSettings()
+        sam_layout.addWidget(self.automatic_settings)
         layout.addWidget(sam_box)
 
         export_box = QGroupBox("Export")
@@ -490,6 +493,7 @@ class AnnotatorWidget(QWidget):
         self.model_label.setText(f"{model.model_type} from {shown}; automatic segmentation: {method}")
         self.model_label.setToolTip(model.source)
         self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
+        self.automatic_settings.set_method(uses_decoder)
         if kept and had_image:
             self._say("model loaded; its image encoder is unchanged, so the embeddings were kept")
         elif had_image:
@@ -689,10 +693,10 @@ class AnnotatorWidget(QWidget):
         if self._worker is not None or self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
-        points_per_side = self.grid_spin.value()
+        settings = {"points_per_side": self.grid_spin.value(), **self.automatic_settings.values()}
 
         def segment_all(progress) -> tuple[np.ndarray, int]:
-            labels = self.session.automatic_segmentation(progress, points_per_side=points_per_side)
+            labels = self.session.automatic_segmentation(progress, **settings)
             return labels, len(np.unique(labels)) - 1  # counted here: np.unique of a large image takes seconds
 
         self._start("automatic segmentation…", segment_all, self._automatic_ready)
