@@ -444,9 +444,9 @@ def test_automatic_segmentation_uses_the_settings_shown(annotator, qtbot, monkey
     viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
     settings = widget.automatic_settings
-    assert not settings.fold.isVisible()  # folded away until asked for
-    click(qtbot, settings.toggle)
-    assert settings.fold.isVisible()
+    assert settings.button.isVisible() and not settings.form.isVisible()  # in a popup, until asked for
+    settings.button.menu().popup(settings.button.mapToGlobal(settings.button.rect().bottomLeft()))
+    qtbot.waitUntil(settings.form.isVisible)
     spins = settings.spins
     assert spins["pred_iou_thresh"].isEnabled() and not spins["boundary_distance_threshold"].isEnabled()  # a point grid model
     spins["pred_iou_thresh"].setValue(0.5)
@@ -454,9 +454,28 @@ def test_automatic_segmentation_uses_the_settings_shown(annotator, qtbot, monkey
     widget.grid_spin.setValue(6)
     calls = []
     monkeypatch.setattr(widget.session, "automatic_segmentation", lambda progress, **kwargs: calls.append(kwargs) or np.zeros((96, 96), np.uint32))
-    viewer.screenshot("/tmp/napari_raysam_automatic_settings.png", canvas_only=False)  # looked at by the engineer
+    settings.form.grab().save("/tmp/napari_raysam_automatic_settings.png")  # the popup, looked at by the engineer
+    viewer.screenshot("/tmp/napari_raysam_automatic_dock.png", canvas_only=False)
+    settings.button.menu().hide()
     click(qtbot, widget.automatic_button)
     wait_for_worker(qtbot, widget)
     [used] = calls
     assert used["points_per_side"] == 6 and used["pred_iou_thresh"] == 0.5 and used["min_object_size"] == 40
     assert used["stability_score_thresh"] == 0.95  # micro-sam's default, untouched
+
+
+def test_a_channel_last_image_is_split_into_channel_layers_and_annotated_as_one(annotator, qtbot):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(6), shape=(96, 112), n_channels=5, n_cells=3)
+    channel_last = np.moveaxis(image, 0, -1)  # (H, W, C), as many TIFF writers store it
+    viewer.add_image(channel_last, name="tiff", scale=(0.5, 0.5, 1))
+    assert widget.split_button.isVisible() and "channels last" in widget.status.text()
+    click(qtbot, widget.split_button)
+    assert widget.image_combo.currentText() == "channel layers: " + " + ".join(f"tiff [{k}]" for k in range(5))
+    assert "tiff" not in viewer.layers and viewer.dims.ndim == 2 and not widget.split_button.isVisible()
+    assert tuple(viewer.layers["tiff [0]"].scale) == (0.5, 0.5)
+    assert [widget.channel_combos[0].itemText(k) for k in range(5)] == [f"tiff [{k}]" for k in range(5)]
+    embed(qtbot, widget)
+    assert widget.session.image_shape == (96, 112)
+    np.testing.assert_array_equal(widget._channels.plane(()), image)
+    viewer.screenshot("/tmp/napari_raysam_split.png", canvas_only=False)  # looked at by the engineer

@@ -9,6 +9,8 @@ from napari_raysam.annotator.image_source import (
     ImageError,
     check_plane,
     content_key,
+    first_axis_is_channels,
+    last_axis_is_channels,
     sam_rgb,
 )
 
@@ -160,3 +162,11 @@ def test_content_key_depends_on_values_dtype_and_shape_not_memory_layout(rng):
     changed = plane.copy()
     changed[0, 0, 0] ^= 1
     assert content_key(changed) != content_key(plane)
+
+
+def test_which_axis_holds_channels_is_guessed_from_the_shape():
+    assert first_axis_is_channels((4, 512, 512), rgb=False) and not last_axis_is_channels((4, 512, 512), rgb=False)
+    assert last_axis_is_channels((512, 600, 5), rgb=False) and last_axis_is_channels((512, 600, 2), rgb=False)
+    assert not last_axis_is_channels((40, 512, 512), rgb=False)  # a stack of slices
+    assert not last_axis_is_channels((512, 600, 3), rgb=True)  # RGB: napari shows it right
+    assert not last_axis_is_channels((512, 600), rgb=False) and not last_axis_is_channels((3, 512, 600, 5), rgb=False)

@@ -290,6 +290,13 @@ def first_axis_is_channels(shape: tuple[int, ...], rgb: bool) -> bool:
     return not rgb and len(shape) >= 3 and shape[0] <= 4
 
 
+def last_axis_is_channels(shape: tuple[int, ...], rgb: bool) -> bool:
+    """Guess for a non-RGB 3D layer: ``(H, W, C)`` with a short last axis (8 or fewer entries) and
+    a first axis too long to be channels. napari shows such an array as a stack of ``H`` slices of
+    ``(W, C)``: it has to be split into one layer per channel to be seen, and annotated, as an image."""
+    return not rgb and len(shape) == 3 and shape[-1] <= 8 and not first_axis_is_channels(shape, rgb)
+
+
 def sam_channels_choice(red: int, green: int | None, blue: int | None) -> tuple[int, ...]:
     """The SAM channels for a choice of one channel per colour: ``(red,)`` when green and blue are
     both None (one channel fed to all three colours), else ``(red, green, blue)``.

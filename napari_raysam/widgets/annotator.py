@@ -45,6 +45,7 @@ from napari_raysam.annotator.image_source import (
     ImageChannels,
     ImageError,
     first_axis_is_channels,
+    last_axis_is_channels,
     sam_channels_choice,
     stack_index,
 )
@@ -62,6 +63,7 @@ from napari_raysam.widgets.annotator_layers import (
     CURRENT_LAYER,
     POINTS_LAYER,
     AnnotatorLayers,
+    split_last_axis,
 )
 
 log = logging.getLogger(__name__)
@@ -202,7 +204,15 @@ class AnnotatorWidget(QWidget):
         self.layout_combo = _combo("Whether the layer's first axis holds channels or slices")
         self.layout_combo.addItems(["slices (annotate one by one)", "channels"])
         self.layout_combo.currentIndexChanged.connect(lambda _index: self._refresh_channels())
-        image_form.addRow("First axis", self.layout_combo)
+        self.split_button = QPushButton("Split channels", visible=False, toolTip=(
+            "This layer looks like (H, W, C) with its channels last, which napari shows as a stack of thin "
+            "slices: replace it by one layer per channel, as napari's Split Stack does, and annotate them as one image"
+        ))
+        self.split_button.clicked.connect(self.split_channels)
+        layout_row = QHBoxLayout()
+        layout_row.addWidget(self.layout_combo, stretch=1)
+        layout_row.addWidget(self.split_button)
+        image_form.addRow("First axis", layout_row)
         self.channel_combos = [_combo("") for _ in "RGB"]
         channel_row = QHBoxLayout()
         for colour, combo in zip(("red", "green", "blue"), self.channel_combos):
@@ -264,10 +274,10 @@ class AnnotatorWidget(QWidget):
         row.addWidget(self.grid_spin)
         self.commit_automatic_button = QPushButton("Commit all", toolTip="Commit every object of the automatic segmentation (one undo step)")
         self.commit_automatic_button.clicked.connect(self.commit_automatic)
+        self.automatic_settings = AutomaticSettings()
+        row.addWidget(self.automatic_settings.button)
         row.addWidget(self.commit_automatic_button)
         sam_layout.addLayout(row)
-        self.automatic_settings = AutomaticSettings()
-        sam_layout.addWidget(self.automatic_settings)
         layout.addWidget(sam_box)
 
         export_box = QGroupBox("Export")
@@ -397,7 +407,22 @@ class AnnotatorWidget(QWidget):
         self.layout_combo.blockSignals(True)
         self.layout_combo.setCurrentIndex(1 if single is not None and first_axis_is_channels(single.data.shape, single.rgb) else 0)
         self.layout_combo.blockSignals(False)
+        channel_last = single is not None and last_axis_is_channels(single.data.shape, single.rgb)
+        self.split_button.setVisible(channel_last)
         self._refresh_channels()
+        if channel_last:
+            self._say(
+                f"layer '{single.name}' looks like (H, W, C) = {single.data.shape} with its channels last, which napari "
+                f"shows as {single.data.shape[0]} thin slices: press Split channels to annotate it as one image"
+            )
+
+    def split_channels(self) -> None:
+        """Split the chosen channel-last layer into one layer per channel, and choose them as the image."""
+        layers = self._chosen_layers()
+        if len(layers) != 1:
+            return
+        names = [layer.name for layer in split_last_axis(self.viewer, layers[0])]
+        self.image_combo.setCurrentText(_ALL_CHANNEL_LAYERS + " + ".join(names))
 
     def _prepare_layers(self) -> None:
         """Create our layers for the chosen image before any click needs them.

@@ -1,15 +1,16 @@
-"""The annotator's automatic-segmentation settings: a fold with the thresholds users change.
+"""The annotator's automatic-segmentation settings: the thresholds users change, in a popup.
 
-The values are :meth:`SamSession.automatic_segmentation`'s keyword arguments, with its defaults
-(micro-sam's); the point grid's size stays in the dock's row beside the button, as before.
+A popup (a ⚙ button beside *Automatic segmentation*) rather than a fold in the dock: unfolded
+rows would squeeze the dock's buttons on a short screen. The values are
+:meth:`SamSession.automatic_segmentation`'s keyword arguments, with its defaults (micro-sam's);
+the point grid's size stays in the dock's row beside the button, as before.
 """
 
 from __future__ import annotations
 
-from qtpy.QtCore import Qt
-from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QSizePolicy, QSpinBox, QToolButton, QVBoxLayout, QWidget
+from qtpy.QtWidgets import QDoubleSpinBox, QFormLayout, QMenu, QSpinBox, QToolButton, QWidget, QWidgetAction
 
-# (keyword, label, tooltip, used by the instance decoder (True) or the point grid (False) or both (None))
+# keyword, label, tooltip, used by the instance decoder (True) or the point grid (False), default
 _THRESHOLDS = (
     ("pred_iou_thresh", "Predicted IoU ≥", "Point grid: keep masks SAM itself rates at least this good (0–1); lower finds more, and worse, objects", False, 0.88),
     ("stability_score_thresh", "Stability ≥", "Point grid: keep masks that change little when the mask threshold moves (0–1)", False, 0.95),
@@ -18,38 +19,31 @@ _THRESHOLDS = (
 )
 
 
-class AutomaticSettings(QWidget):
-    """A "Settings" toggle that shows the thresholds and the minimum object size."""
+class AutomaticSettings:
+    """The settings form, shown by :attr:`button` as a popup; the form exists (and keeps its
+    values) while the popup is closed."""
 
     def __init__(self) -> None:
-        super().__init__()
-        layout = QVBoxLayout(self)
-        layout.setContentsMargins(0, 0, 0, 0)
-        self.toggle = QToolButton(text="Automatic segmentation settings", checkable=True, toolTip="Show the thresholds automatic segmentation uses")
-        self.toggle.setArrowType(Qt.ArrowType.RightArrow)  # a down arrow once open
-        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.toggle.toggled.connect(self._show)
-        layout.addWidget(self.toggle)
-        self.fold = QWidget(visible=False)
-        form = QFormLayout(self.fold)
+        self.form = QWidget()
+        layout = QFormLayout(self.form)
         self.spins: dict[str, QDoubleSpinBox | QSpinBox] = {}
         self._for_decoder: dict[str, bool | None] = {}
         for keyword, label, tip, for_decoder, default in _THRESHOLDS:
             spin = QDoubleSpinBox(minimum=0.0, maximum=1.0, singleStep=0.01, decimals=2, value=default, toolTip=tip)
-            self._add(form, keyword, label, spin, for_decoder)
+            self._add(layout, keyword, label, spin, for_decoder)
         size = QSpinBox(minimum=0, maximum=1_000_000, singleStep=10, value=0, suffix=" px", toolTip="Drop objects of fewer pixels (0 keeps all)")
-        self._add(form, "min_object_size", "Min object size", size, None)
-        layout.addWidget(self.fold)
-        # its rows keep their height when the dock is short (napari then scrolls the dock), never squeezed
-        self.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
+        self._add(layout, "min_object_size", "Min object size", size, None)
+        self.button = QToolButton(text="⚙", toolTip="Automatic segmentation settings: thresholds and the minimum object size")
+        menu = QMenu(self.button)
+        action = QWidgetAction(menu)
+        action.setDefaultWidget(self.form)
+        menu.addAction(action)
+        self.button.setMenu(menu)
+        self.button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
 
-    def _add(self, form: QFormLayout, keyword: str, label: str, spin, for_decoder: bool | None) -> None:
-        form.addRow(label, spin)
+    def _add(self, layout: QFormLayout, keyword: str, label: str, spin, for_decoder: bool | None) -> None:
+        layout.addRow(label, spin)
         self.spins[keyword], self._for_decoder[keyword] = spin, for_decoder
-
-    def _show(self, shown: bool) -> None:
-        self.fold.setVisible(shown)
-        self.toggle.setArrowType(Qt.ArrowType.DownArrow if shown else Qt.ArrowType.RightArrow)
 
     def set_method(self, uses_decoder: bool) -> None:
         """Enable the settings of the method the loaded model segments with."""

@@ -113,3 +113,21 @@ class AnnotatorLayers:
         current = self.get(CURRENT_LAYER)
         if current is not None and current.data.any():
             current.data = np.zeros_like(current.data)
+
+
+def split_last_axis(viewer: napari.Viewer, layer: Image) -> list[Image]:
+    """Replace the channel-last ``(H, W, C)`` ``layer`` by one layer per channel (lazy data stays
+    lazy), named ``"<name> [k]"`` and placed like it, as napari's own *Split Stack* does; left in
+    place, the 3D layer would keep a slider over its rows.
+
+    Returns:
+        The new layers, in channel order.
+    """
+    channels = np.moveaxis(layer.data, -1, 0)
+    added = viewer.add_image(
+        channels, channel_axis=0, name=[f"{layer.name} [{k}]" for k in range(channels.shape[0])],
+        scale=layer.scale[:2], translate=layer.translate[:2],
+    )
+    viewer.layers.remove(layer)
+    viewer.reset_view()
+    return list(added)
