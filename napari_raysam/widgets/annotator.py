@@ -669,7 +669,8 @@ class AnnotatorWidget(QWidget):
             )
 
     def _show_proposal(self, labels: np.ndarray) -> None:
-        self._layer(CURRENT_LAYER).data = labels
+        # uint8 while it fits: a quarter of the memory napari copies and draws for a large image
+        self._layer(CURRENT_LAYER).data = labels.astype(np.uint8) if labels.max() < 256 else labels
         found = len(np.unique(labels[labels > 0]))
         if found <= 1:
             self._say(f"proposed object: {int((labels > 0).sum())} pixels. Commit [C] keeps it; add points to correct it")

@@ -50,7 +50,7 @@ class AnnotatorLayers:
                 np.zeros((height, width), np.uint32), name=AUTOMATIC_LAYER, opacity=0.5, **placement
             ),
             CURRENT_LAYER: lambda: self.viewer.add_labels(
-                np.zeros((height, width), np.uint32), name=CURRENT_LAYER, opacity=0.6, **placement
+                np.zeros((height, width), np.uint8), name=CURRENT_LAYER, opacity=0.6, **placement
             ),
             BOXES_LAYER: lambda: self.viewer.add_shapes(
                 name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placement,
@@ -71,7 +71,7 @@ class AnnotatorLayers:
             if name == COMMITTED_LAYER and (layer.data.shape != committed.shape or layer.data.any() or committed.any()):
                 layer.data = committed
             elif name == CURRENT_LAYER and layer.data.shape != (height, width):
-                layer.data = np.zeros((height, width), np.uint32)
+                layer.data = np.zeros((height, width), np.uint8)
             elif name == AUTOMATIC_LAYER and (clear_automatic or layer.data.shape != (height, width)):
                 layer.data = np.zeros((height, width), np.uint32)
             elif name == POINTS_LAYER:

@@ -1,0 +1,169 @@
+"""The annotation workday's GUI figures (issue 10): event-loop stalls and the next image's first answer.
+
+Real napari (Xvfb when there is no display) with the docked ``AnnotatorWidget``; a ``QTimer``
+heartbeat every 10 ms on napari's event loop, and the longest gap between two beats is the
+longest stall. Three phases:
+
+1. **large image**: a 10,000 x 10,000 (``--side``) 4-channel uint16 image is added (napari's own
+   ``add_image`` is timed apart: it is napari's cost, not the dock's), then *Compute embeddings*
+   until the dock has read, scaled and hashed the plane and the image encoder starts (the first
+   progress report of the tiled embedding); ``random:tiny`` there, since only the event loop is
+   measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
+2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
+   frame is embedded, the series row computes the next one's embeddings in the background, then
+   *Next* (N) until the next frame is ready and a point prompt has been answered, ``--steps`` times:
+   the longest stall and the time from *Next* to the first answered prompt (goal <= 0.3 s);
+3. **automatic segmentation** of the last frame shown (point grid, ``--grid`` points per side).
+
+    xvfb-run -a .venv/bin/python bench/series_stalls.py [--side 10000] [--steps 3] [--grid 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import machine  # noqa: E402
+
+GOALS_MS = {"stall": 100.0, "next_to_first_answer": 300.0}
+
+
+class EventLoop:
+    """napari's event loop with a 10 ms heartbeat: run it until a condition holds, and read the
+    longest gap between beats in that time."""
+
+    def __init__(self) -> None:
+        from qtpy.QtCore import Qt, QTimer
+
+        self.beats: list[float] = []
+        self._heartbeat = QTimer(interval=10)
+        self._heartbeat.setTimerType(Qt.TimerType.PreciseTimer)
+        self._heartbeat.timeout.connect(lambda: self.beats.append(time.perf_counter()))
+        self._heartbeat.start()
+
+    def run_until(self, action: Callable[[], None], done: Callable[[], bool], limit_s: float = 900, tail_s: float = 0.3) -> dict:
+        """Queue ``action`` 100 ms in, run the loop until ``done()`` (polled every 5 ms) and ``tail_s``
+        more (a stall ending at ``done`` is closed by the next beat); the window's longest heartbeat
+        gap and how long it took from ``action`` to ``done``."""
+        from qtpy.QtCore import QEventLoop, QTimer
+
+        loop, times = QEventLoop(), {}
+
+        def go() -> None:
+            times["action"] = time.perf_counter()
+            action()
+
+        def poll() -> None:
+            now = time.perf_counter()
+            if "action" in times and "done" not in times and done():
+                times["done"] = now
+            if "done" in times and now - times["done"] >= tail_s:
+                loop.quit()
+
+        poller = QTimer(interval=5)
+        poller.timeout.connect(poll)
+        poller.start()
+        QTimer.singleShot(100, go)
+        QTimer.singleShot(int(limit_s * 1000), loop.quit)
+        start = time.perf_counter()
+        loop.exec()
+        poller.stop()
+        end = time.perf_counter()
+        beats = np.array([b for b in self.beats if start <= b <= end])
+        gaps = np.diff(beats) * 1000 if len(beats) > 1 else np.array([0.0])
+        return {"max_stall_ms": round(float(gaps.max()), 1), "gaps_over_100ms": int((gaps > 100).sum()),
+                "action_to_done_s": round(times["done"] - times["action"], 3) if "done" in times else None,
+                "timed_out": "done" not in times}
+
+
+def large_image(viewer, widget, loop: EventLoop, side: int) -> dict:
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4000, (4, side, side), dtype=np.uint16)
+    figures: dict = {}
+
+    def add() -> None:
+        begin = time.perf_counter()
+        viewer.add_image(image, name="large")
+        figures["napari_add_image_s"] = round(time.perf_counter() - begin, 2)  # the dock's handlers included
+
+    figures["open"] = loop.run_until(add, lambda: widget.image_combo.currentText() == "large")
+    widget.model_combo.setCurrentText("random:tiny")
+    loop.run_until(widget.load_model, lambda: widget._worker is None)
+    progress: list[tuple[int, int]] = []
+    widget._progress.changed.connect(lambda done, total: progress.append((done, total)))
+    # the encoder starts (micro-sam's pbar_init for the tiles) once the plane is read, scaled and hashed
+    figures["compute_embeddings_until_the_encoder_starts"] = loop.run_until(
+        widget.compute_embeddings, lambda: any(total > 1 for _, total in progress)
+    )
+    figures["compute_embeddings_to_the_end"] = loop.run_until(lambda: None, lambda: widget._worker is None)
+    viewer.layers.clear()
+    return figures
+
+
+def series(viewer, widget, loop: EventLoop, steps: int, grid: int) -> dict:
+    from napari_raysam.demo import hela_frames
+    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+
+    frames, labels = hela_frames()
+    viewer.add_image(frames, name="HeLa series")
+    widget.layout_combo.setCurrentIndex(0)  # slices
+    widget.model_combo.setCurrentText("random:vit_t")
+    loop.run_until(widget.load_model, lambda: widget._worker is None)
+    viewer.dims.set_point(0, 0)
+    loop.run_until(widget.compute_embeddings, lambda: widget._worker is None)
+    figures: dict = {"next": []}
+    for _ in range(steps):
+        loop.run_until(lambda: None, lambda: widget._worker is None and widget.series._worker is None)  # next one ready
+        z = widget._plane_index[0] + 1
+        centre = np.argwhere(labels[z] == np.unique(labels[z])[1]).mean(axis=0)
+
+        def answered() -> bool:
+            if widget._worker is not None or widget._plane_index != (z,):
+                return False
+            widget.viewer.layers[POINTS_LAYER].data = centre[None]
+            widget.segment()
+            return widget.viewer.layers[CURRENT_LAYER].data.any() or "proposed object" in widget.status.text()
+
+        figures["next"].append({"to": z, **loop.run_until(widget.series.next, answered)})
+        widget.clear_prompts()
+    widget.grid_spin.setValue(grid)
+    figures["automatic_segmentation"] = loop.run_until(widget.automatic_segmentation, lambda: widget._worker is None)
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image")
+    parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed")
+    parser.add_argument("--grid", type=int, default=16, help="automatic segmentation's points per side")
+    args = parser.parse_args()
+    os.environ.setdefault("NAPARI_RAYSAM_HOME", tempfile.mkdtemp(prefix="series-stalls-"))
+    import napari
+
+    from napari_raysam.widgets.annotator import AnnotatorWidget
+
+    print(machine(), flush=True)
+    work = Path(os.environ["NAPARI_RAYSAM_HOME"])
+    viewer = napari.Viewer(show=True)
+    widget = AnnotatorWidget(viewer, cache_dir=work / "cache")
+    viewer.window.add_dock_widget(widget, name="SAM annotator")
+    loop = EventLoop()
+    result = {"large_image": large_image(viewer, widget, loop, args.side)}
+    print(json.dumps(result, indent=1), flush=True)
+    result["series"] = series(viewer, widget, loop, args.steps, args.grid)
+    result["goals_ms"] = GOALS_MS
+    print(json.dumps(result, indent=1), flush=True)
+    viewer.close()
+
+
+if __name__ == "__main__":
+    main()
