@@ -129,6 +129,25 @@ def test_a_detached_job_can_be_stopped_and_following_it_says_so(ray_cluster, cel
         assert "there is no run named 'no-such-run'" in err and "Traceback" not in err
 
 
+def test_a_run_stopped_as_it_starts_leaves_no_driver_behind(ray_cluster, cell_dataset, tmp_path):
+    """Cancel pressed while the run is pending: Ray stops the job while its entrypoint starts. Once,
+    its shell was signalled before it forked the driver, which trained on, orphaned, holding the CPUs."""
+    client = RunClient(ray_cluster)
+    for attempt in range(3):  # the race is at the moment the entrypoint starts: give it a few chances
+        config = submit(ray_cluster, cell_dataset, tmp_path, epochs=500, run_name=f"stopped-at-once-{attempt}")
+        client.stop(config.run_name)
+        deadline = time.time() + 60
+        while not client.info(config.run_name).state.ended and time.time() < deadline:
+            time.sleep(0.2)
+        assert client.info(config.run_name).state == RunState.STOPPED
+        time.sleep(3)  # a leaked driver would be training by now
+        leftovers = [
+            process.pid for process in psutil.process_iter(["cmdline"])
+            if any(config.run_name in part for part in process.info["cmdline"] or [])
+        ]
+        assert leftovers == [], f"processes of the stopped run {config.run_name} still run"
+
+
 def test_unreachable_address_says_how_to_fix_it():
     with pytest.raises(clusters.ClusterError, match="cannot reach a Ray cluster at http://127.0.0.1:9"):
         clusters.connect("127.0.0.1:9", timeout=2)

@@ -126,7 +126,10 @@ class RunClient:
         if resume and existing is not None and not existing.state.ended:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
-        entrypoint = f"python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
+        # exec: the driver is the process Ray Jobs started, not a child of its shell. Stopped at the
+        # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
+        # orphaned, holding the cluster's CPUs (seen when Cancel was pressed while the run was pending).
+        entrypoint = f"exec python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
         env_vars = LOCAL_JOB_ENV if self.cluster.is_local else {}
         metadata = {
             "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
