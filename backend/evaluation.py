@@ -34,7 +34,7 @@ from segment_anything.modeling import Sam
 
 from backend.dataset import Dataset, open_dataset
 from backend.models import load_model, set_predictor_image
-from backend.object_prompts import check_image_pair, mask_iou, object_prompts
+from backend.object_prompts import check_image_pair, check_pair_count, mask_iou, object_prompts, scoring
 
 # The automatic mask generator costs one decoder pass per grid point. vit_t's decoder took
 # 0.03 s per point on a 16-core CPU, so 12 x 12 = 144 points (plus 0.4 s for the embedding) is
@@ -106,8 +106,7 @@ def evaluate_images(
     Raises:
         ValueError: if the inputs do not match in number or shape, or no label image holds an object.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"Got {len(images)} images but {len(labels)} label images; pass one label image per image.")
+    check_pair_count(images, labels)
     if not any(label.any() for label in labels):
         raise ValueError(
             f"None of the {len(labels)} label images contains an object; "
@@ -123,32 +122,27 @@ def evaluate_images(
     point_ious: list[torch.Tensor] = []
     accuracies: list[tuple[float, float]] = []
     segmentations: list[np.ndarray] = []
-    was_training = sam.training
-    sam.eval()
-    try:
-        with torch.inference_mode():
-            for done, (image, label) in enumerate(zip(images, labels), start=1):
-                check_image_pair(done - 1, image, label)
-                set_predictor_image(predictor, image)
-                has_objects = bool(label.any())
+    with scoring(sam):
+        for done, (image, label) in enumerate(zip(images, labels), start=1):
+            check_image_pair(done - 1, image, label)
+            set_predictor_image(predictor, image)
+            has_objects = bool(label.any())
+            if has_objects:
+                image_box_ious, image_point_ious = _prompted_ious(predictor, label)
+                box_ious.append(image_box_ious)
+                point_ious.append(image_point_ious)
+            if automatic:
+                segmentation = _automatic_segmentation(predictor, image, points_per_side)
                 if has_objects:
-                    image_box_ious, image_point_ious = _prompted_ious(predictor, label)
-                    box_ious.append(image_box_ious)
-                    point_ious.append(image_point_ious)
-                if automatic:
-                    segmentation = _automatic_segmentation(predictor, image, points_per_side)
-                    if has_objects:
-                        msa, threshold_accuracies = mean_segmentation_accuracy(
-                            segmentation, label, return_accuracies=True
-                        )
-                        # elf's thresholds are np.arange(0.5, 1.0, 0.05): the first one is 0.5.
-                        accuracies.append((float(msa), float(threshold_accuracies[0])))
-                    if return_segmentations:
-                        segmentations.append(segmentation)
-                if progress is not None:
-                    progress(done, len(images))
-    finally:
-        sam.train(was_training)
+                    msa, threshold_accuracies = mean_segmentation_accuracy(
+                        segmentation, label, return_accuracies=True
+                    )
+                    # elf's thresholds are np.arange(0.5, 1.0, 0.05): the first one is 0.5.
+                    accuracies.append((float(msa), float(threshold_accuracies[0])))
+                if return_segmentations:
+                    segmentations.append(segmentation)
+            if progress is not None:
+                progress(done, len(images))
 
     all_box_ious = torch.cat(box_ious)
     result: dict[str, Any] = {

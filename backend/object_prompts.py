@@ -1,14 +1,24 @@
-"""The prompts micro-sam derives from ground-truth objects, and the checks and IoU around them.
+"""The prompts micro-sam derives from ground-truth objects, and the checks, model mode and IoU around them.
 
 Shared by ``backend.evaluation`` (box and point IoU) and ``backend.simulated_annotator``
-(clicks per object), so both prompt an object the same way.
+(clicks per object), so both prompt and score an object the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
+
 import numpy as np
 import torch
 from micro_sam.util import get_centers_and_bounding_boxes
+from segment_anything.modeling import Sam
+
+
+def check_pair_count(images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> None:
+    """Raise ValueError unless there is one label image per image."""
+    if len(images) != len(labels):
+        raise ValueError(f"Got {len(images)} images but {len(labels)} label images; pass one label image per image.")
 
 
 def check_image_pair(index: int, image: np.ndarray, label: np.ndarray) -> None:
@@ -17,6 +27,18 @@ def check_image_pair(index: int, image: np.ndarray, label: np.ndarray) -> None:
         raise ValueError(f"Image {index} has shape {image.shape}; expected (3, H, W) channel-first RGB in [0, 255].")
     if label.shape != image.shape[1:]:
         raise ValueError(f"Labels {index} have shape {label.shape}; expected (H, W) = {image.shape[1:]}.")
+
+
+@contextlib.contextmanager
+def scoring(sam: Sam) -> Iterator[None]:
+    """Run ``sam`` in eval mode without autograd; its training mode is restored afterwards."""
+    was_training = sam.training
+    sam.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        sam.train(was_training)
 
 
 def object_prompts(label: np.ndarray) -> tuple[list[int], torch.Tensor, torch.Tensor]:

@@ -39,7 +39,7 @@ from segment_anything import SamPredictor
 from skimage.measure import label as connected_components
 
 from backend.models import set_predictor_image
-from backend.object_prompts import check_image_pair, mask_iou, object_prompts
+from backend.object_prompts import check_image_pair, check_pair_count, mask_iou, object_prompts, scoring
 
 TARGET_IOU = 0.9
 MAX_CLICKS = 8
@@ -150,8 +150,7 @@ def simulate_annotator(
     Raises:
         ValueError: if the inputs do not match in number or shape, or the limits are out of range.
     """
-    if len(images) != len(labels):
-        raise ValueError(f"Got {len(images)} images but {len(labels)} label images; pass one label image per image.")
+    check_pair_count(images, labels)
     if not 0 < target_iou <= 1:
         raise ValueError(f"target_iou must be in (0, 1], got {target_iou}.")
     if max_clicks < 1:
@@ -161,25 +160,19 @@ def simulate_annotator(
     total = sum(np.unique(label[label > 0]).size for label in labels)
 
     results: list[ObjectClicks] = []
-    sam = predictor.model
-    was_training = sam.training
-    sam.eval()
-    try:
-        with torch.inference_mode():
-            for index, (image, label) in enumerate(zip(images, labels)):
-                if not label.any():
-                    continue  # no object: nothing to embed the image for
-                set_predictor_image(predictor, image)
-                object_ids, boxes, _ = object_prompts(label)
-                for object_id, box in zip(object_ids, boxes.numpy()):
-                    clicks, iou = annotate_object(
-                        predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks
-                    )
-                    results.append(ObjectClicks(index, object_id, clicks, iou, iou >= target_iou))
-                    if progress is not None:
-                        progress(len(results), total)
-    finally:
-        sam.train(was_training)
+    with scoring(predictor.model):
+        for index, (image, label) in enumerate(zip(images, labels)):
+            if not label.any():
+                continue  # no object: nothing to embed the image for
+            set_predictor_image(predictor, image)
+            object_ids, boxes, _ = object_prompts(label)
+            for object_id, box in zip(object_ids, boxes.numpy()):
+                clicks, iou = annotate_object(
+                    predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks
+                )
+                results.append(ObjectClicks(index, object_id, clicks, iou, iou >= target_iou))
+                if progress is not None:
+                    progress(len(results), total)
     return results
 
 
