@@ -3,13 +3,15 @@
 A series is the planes of one :class:`ImageChannels`: the ``Z`` slices of a ``(Z, H, W)`` stack
 (a folder of HPA fields reads as one, a field per slice), or the single plane of a 2D image. A
 plane counts as annotated when its autosaved labels (:class:`AnnotationStore`, keyed by the
-plane's pixels) hold at least one object. Everything here reads and hashes whole planes: call
-it from a worker thread, never from napari's event loop.
+plane's pixels) hold at least one object. The *suggested* plane is the one not annotated yet that
+the current model is least sure of (``SamSession.uncertainty``): annotating it, then fine-tuning,
+teaches the model what it does not know yet. Everything here that reads planes reads and hashes
+whole planes: call it from a worker thread, never from napari's event loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,3 +101,16 @@ def series_summary(index: tuple[int, ...], annotated: Sequence[bool]) -> str:
     """
     count = f"{sum(annotated)} of {len(annotated)} annotated"
     return f"image {index[0] + 1} of {len(annotated)} · {count}" if index else count
+
+
+def suggested_plane(uncertainties: Mapping[int, float], annotated: Sequence[bool], current: int | None) -> int | None:
+    """The plane to annotate next: of the planes with an uncertainty that are not annotated and not
+    ``current``, the most uncertain (the first of equals); None if there is none.
+
+    Args:
+        uncertainties: plane -> the model's uncertainty about it (``SamSession.uncertainty``).
+        annotated: per plane whether it is annotated (:func:`annotated_planes`).
+        current: the plane shown, or None.
+    """
+    candidates = [z for z in sorted(uncertainties) if not annotated[z] and z != current]
+    return max(candidates, key=lambda z: uncertainties[z], default=None)

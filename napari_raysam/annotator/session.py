@@ -11,8 +11,9 @@ mask generator (``AMG``).
 Threads: ``set_image`` and ``automatic_segmentation`` are slow and meant to run in a worker
 thread; while one of them runs, nothing else may be called on the session (the widget
 disables its buttons). The exception is :meth:`SamSession.cache_embeddings` (the next image of
-a series, computed ahead): it uses a predictor of its own, so it may run in another worker
-while the current image is segmented; one lock keeps it and ``set_image`` from computing the
+a series, computed ahead) and :meth:`SamSession.uncertainty` (which image to annotate next): they
+use a predictor of their own, so they may run in another worker while the current image is
+segmented; one lock keeps it and ``set_image`` from computing the
 same cache entry twice.
 
 Embedding cache: ``<cache_dir>/embeddings/<encoder fingerprint[:16]>/<content_key(rgb)[:32]>.zarr``,
@@ -45,12 +46,13 @@ from micro_sam.prompt_based_segmentation import (
     segment_from_box_and_points,
     segment_from_points,
 )
-from micro_sam.util import precompute_image_embeddings
+from micro_sam.util import precompute_image_embeddings, set_precomputed
 from segment_anything import SamPredictor
 
 from backend.atomic import staging_folder
 from backend.dataset import SampleEmbedding
 from backend.models import LoadedModel, build_instance_decoder, load_model
+from backend.uncertainty import POINTS_PER_SIDE, point_confidences, uncertainty
 from napari_raysam.annotator.annotations import default_cache_dir
 from napari_raysam.annotator.image_source import content_key
 from napari_raysam.annotator.prompts import ObjectPrompt
@@ -249,6 +251,33 @@ class SamSession:
             predictor.reset_image()  # frees the features it kept
             report.finish()
         return True
+
+    def uncertainty(self, rgb: np.ndarray, points_per_side: int = POINTS_PER_SIDE) -> float:
+        """How unsure the current model is about ``rgb``: 0 = sure of every mask, 1 = of none.
+
+        ``backend.uncertainty``'s score (predicted IoU x stability of the masks of a
+        ``points_per_side`` x ``points_per_side`` grid of point prompts; per tile for a tiled
+        image, all tiles' points together), from the cached embeddings, computed into the cache
+        first if missing. Like :meth:`cache_embeddings` it uses the session's background
+        predictor, so it may run in a worker while the current image is segmented; seconds on a
+        CPU (one decoder pass per 64 points).
+
+        Raises:
+            SessionError: if no model is chosen or ``rgb`` is not ``(H, W, 3)`` uint8.
+        """
+        rgb = self._checked_input(rgb)
+        self.cache_embeddings(rgb)
+        model, predictor = self.model, self._background_predictor  # as they are now: set_model may replace them
+        tiled = max(rgb.shape[:2]) > TILING_THRESHOLD
+        with self._computing:
+            path = embedding_cache_path(self.cache_dir, model.encoder_fingerprint, rgb)
+            embeddings = self._precompute(rgb, path, tiled, _Progress(None), predictor)
+            confidences = []
+            for tile in range(len(embeddings["features"])) if tiled else [None]:
+                set_precomputed(predictor, embeddings, tile_id=tile)
+                confidences.append(point_confidences(predictor, points_per_side))
+            predictor.reset_image()
+        return uncertainty(np.concatenate(confidences))
 
     def is_cached(self, rgb: np.ndarray) -> bool:
         """Whether the embeddings of ``rgb`` for the current model are on disk (loading vs. computing)."""

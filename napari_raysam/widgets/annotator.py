@@ -321,7 +321,7 @@ class AnnotatorWidget(QWidget):
         actions = {
             "segment": self.segment, "commit": self.commit, "toggle": self.toggle_prompt_mode,
             "clear": self.clear_prompts, "undo": self.undo, "automatic": self.automatic_segmentation,
-            "next": self.series.next, "previous": self.series.previous,
+            "next": self.series.next, "previous": self.series.previous, "suggested": self.series.suggested,
         }
         for action, slot in actions.items():
             (target or self.viewer).bind_key(SHORTCUTS[action], lambda _source, slot=slot: slot(), overwrite=True)

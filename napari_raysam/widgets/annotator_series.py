@@ -1,11 +1,15 @@
-"""The annotator's series row: previous / next image, "n of N annotated", the next image made ready.
+"""The annotator's series row: previous / next image, "n of N annotated", the next image made ready, the suggested one.
 
 Thin over :mod:`napari_raysam.annotator.series`. The series is the planes of the image chosen in
 the dock (a stack, or a folder of HPA fields read as one). Going to another plane moves napari's
 slider; the dock follows the slider as it always does (``AnnotatorWidget._on_slice_change``).
 While the user works on a plane, one background worker reads the next plane (in the direction
 of travel), computes its embeddings into the cache and keeps the plane ready, so arriving there
-costs only reading the cache; then it checks which planes of the series were annotated before.
+costs only reading the cache; then it checks which planes of the series were annotated before;
+then, one plane at a time, it scores how unsure the current model is about each plane not yet
+annotated (``SamSession.uncertainty``), which *Suggested* goes to. Each background task is one
+plane, so the next plane's read-ahead never waits behind the whole ranking; a new model (a
+fine-tune loaded) ranks the series again.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from napari_raysam.annotator.series import (
     series_length,
     series_summary,
     step_index,
+    suggested_plane,
 )
 
 if TYPE_CHECKING:
@@ -32,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SHORTCUTS = {"next": "N", "previous": "Shift-N"}  # free in napari's keymap and the dock's
+SHORTCUTS = {"next": "N", "previous": "Shift-N", "suggested": "G"}  # free in napari's keymap and the dock's
 
 
 class SeriesPanel(QWidget):
@@ -50,6 +55,8 @@ class SeriesPanel(QWidget):
         self._checked: list[bool] | None = None  # per plane, from the stored annotations, once checked
         self._prepared: PreparedPlane | None = None  # the plane made ready ahead
         self._ahead: tuple[int, ...] | None = None  # the plane last made ready (or tried): not tried twice
+        self._ranked_for: tuple | None = None  # (model fingerprint, SAM channels) _uncertainty is about
+        self._uncertainty: dict[int, float | None] = {}  # plane -> the model's uncertainty; None: cannot be read
         self._direction = 1
         self._worker = None
         self._closed = False  # the dock was deleted (napari closed): a worker finishing late starts nothing
@@ -65,9 +72,12 @@ class SeriesPanel(QWidget):
             f"in the background while you work on this one"
         ))
         self.next_button.clicked.connect(self.next)
+        self.suggested_button = QPushButton("Suggested ▶")
+        self.suggested_button.clicked.connect(self.suggested)
         row.addWidget(self.previous_button)
         row.addWidget(self.label, stretch=1)
         row.addWidget(self.next_button)
+        row.addWidget(self.suggested_button)
         self._checking.connect(lambda done, total: self._show(f", checking {done} of {total}…"))
         self.refresh()
 
@@ -79,6 +89,14 @@ class SeriesPanel(QWidget):
     def previous(self) -> None:
         """Show (and annotate) the previous image of the series."""
         self._step(-1)
+
+    def suggested(self) -> None:
+        """Show (and annotate) the image the current model is least sure of, of those not annotated yet."""
+        target = self._suggestion()
+        if target is None:
+            self._annotator._say(self.suggested_button.toolTip())
+            return
+        self._go((target,))
 
     def annotated(self) -> list[bool]:
         """Per plane of the chosen image's series, whether it has committed objects (False until checked)."""
@@ -92,9 +110,11 @@ class SeriesPanel(QWidget):
         if series != self._series:
             self._series, self._length = series, series_length(shown[0]) if shown is not None else 0
             self._saved, self._checked, self._prepared, self._ahead = {}, None, None, None
+            self._ranked_for, self._uncertainty = None, {}
         index = shown[2] if shown is not None else ()
         self.previous_button.setEnabled(step_index(index, self._length, -1) is not None)
         self.next_button.setEnabled(step_index(index, self._length, 1) is not None)
+        self._show_suggestion()
         self._show("" if self._checked is not None else ", checking…")
         self._work_ahead()
 
@@ -144,11 +164,59 @@ class SeriesPanel(QWidget):
             self._annotator._say(f"no image to go to: this is the {'last' if step > 0 else 'first'} of the series")
             return
         self._direction = step
-        layer, viewer = shown[1], self._annotator.viewer
+        self._go(target)
+
+    def _go(self, target: tuple[int, ...]) -> None:
+        """Move napari's slider to plane ``target`` of the chosen image."""
+        layer, viewer = self._shown()[1], self._annotator.viewer
         # napari's slider shows the plane, and the dock follows the slider (embedding it, or taking it ready)
         data_point = list(layer.world_to_data(viewer.dims.point))
         data_point[-3] = target[0]  # the stack axis is third from last (a channel axis comes first)
         viewer.dims.set_point(viewer.dims.ndim - 3, layer.data_to_world(data_point)[-3])
+
+    # ------------------------------------------------------------------ suggestion
+    def _suggestion(self) -> int | None:
+        shown = self._shown()
+        if shown is None or not shown[2] or self._checked is None or self._ranking_key() != self._ranked_for:
+            return None  # a ranking by another model, or of other channels, says nothing about these
+        ranked = {z: value for z, value in self._uncertainty.items() if value is not None}
+        return suggested_plane(ranked, self.annotated(), shown[2][0])
+
+    def _ranking_key(self) -> tuple | None:
+        """What the uncertainties depend on besides the planes: the model and the SAM channels."""
+        model = self._annotator.session.model
+        return None if model is None else (model.fingerprint, self._annotator._sam_channels())
+
+    def _unranked(self) -> list[int]:
+        """The planes not annotated whose uncertainty is still to be scored, in series order."""
+        annotated = self.annotated()
+        return [z for z in range(self._length) if not annotated[z] and z not in self._uncertainty]
+
+    def _show_suggestion(self) -> None:
+        target = self._suggestion()
+        self.suggested_button.setEnabled(target is not None)
+        self.suggested_button.setText("Suggested ▶" if target is None else f"Suggested: {target + 1} ▶")
+        if self._length < 2:
+            tip = "a single image: there is no other image to suggest"
+        elif self._annotator.session.model is None:
+            tip = "load a model: the suggestion is the image the model is least sure of"
+        elif self._checked is None or (self._ranked_for is None and not self._uncertainty):
+            tip = "no suggestion yet: the images are ranked in the background once you start on this series"
+        else:
+            left = len(self._unranked())
+            ranking = f"; ranking the others, {left} to go" if left else ""
+            if target is None:
+                tip = f"no image to suggest: every other image is annotated{ranking}"
+            else:
+                tip = (f"Go to image {target + 1}: of the images not annotated yet, the model is least sure of it "
+                       f"(uncertainty {self._uncertainty[target]:.2f}){ranking} [{SHORTCUTS['suggested']}]")
+        self.suggested_button.setToolTip(tip)
+
+    def _ranked(self, result: tuple[tuple, int, float | None]) -> None:
+        key, plane, value = result
+        if key == self._ranked_for:
+            self._uncertainty[plane] = value
+            self._show_suggestion()
 
     # ------------------------------------------------------------------ background
     def _work_ahead(self) -> None:
@@ -177,6 +245,26 @@ class SeriesPanel(QWidget):
         elif self._checked is None:
             store, progress = annotator.store, self._checking.emit
             self._start(lambda: annotated_planes(channels, store, progress), self._check_done)
+        elif self._length > 1:
+            self._rank_one(channels, layer.name)
+
+    def _rank_one(self, channels, name: str) -> None:
+        """Score the model's uncertainty about the next plane still to rank, if any (for the current model)."""
+        session, sam_channels, key = self._annotator.session, self._annotator._sam_channels(), self._ranking_key()
+        if key != self._ranked_for:  # another model or other channels: the ranking starts over
+            self._ranked_for, self._uncertainty = key, {}
+        unranked = self._unranked()
+        if not unranked:
+            return
+        plane = unranked[0]
+
+        def score() -> tuple[tuple, int, float | None]:
+            try:
+                return key, plane, session.uncertainty(prepare_plane(channels, (plane,), sam_channels, name).rgb)
+            except ImageError:  # said when the plane is shown; it is not suggested
+                return key, plane, None
+
+        self._start(score, self._ranked)
 
     def _start(self, task, done) -> None:
         series = self._series
