@@ -6,9 +6,9 @@ import numpy as np
 from qtpy.QtCore import Qt
 
 from napari_raysam.annotator.image_source import sam_rgb
-from napari_raysam.widgets.annotator import COMMITTED_LAYER, CURRENT_LAYER, POINTS_LAYER, AnnotatorWidget
+from napari_raysam.widgets.annotator import COMMITTED_LAYER, POINTS_LAYER, AnnotatorWidget
 from synthetic import synthetic_cells
-from test_annotator_widget import WORKER_TIMEOUT_MS, annotator, click, embed, press, wait_for_worker  # noqa: F401 (annotator: the fixture)
+from test_annotator_widget import WORKER_TIMEOUT_MS, annotator, click, embed, press, propose_square, wait_for_worker  # noqa: F401 (annotator: the fixture)
 from test_hpa import write_field
 
 
@@ -26,7 +26,7 @@ def record_status(monkeypatch, widget: AnnotatorWidget) -> list[str]:
 
 
 def commit_square(qtbot, widget: AnnotatorWidget, viewer) -> None:
-    viewer.layers[CURRENT_LAYER].data[20:30, 20:30] = 1
+    propose_square(widget, np.s_[20:30, 20:30])
     click(qtbot, widget.commit_button)
 
 
@@ -58,6 +58,7 @@ def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeyp
     assert series.label.text() == "image 2 of 3 · 1 of 3 annotated" and series.previous_button.isEnabled()
     viewer.layers[POINTS_LAYER].add([48, 48])
     click(qtbot, widget.segment_button)
+    wait_for_worker(qtbot, widget)
     assert "proposed object" in widget.status.text()
 
     click(qtbot, series.previous_button)  # back: image 1's objects are restored

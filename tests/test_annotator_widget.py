@@ -64,6 +64,13 @@ def click(qtbot, button) -> None:
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
+def propose_square(widget: AnnotatorWidget, square) -> None:
+    """Show ``square`` (a 2D slice) as the proposed object, as Segment would (random weights propose nothing reliable)."""
+    proposal = np.zeros(widget.session.image_shape, np.uint8)
+    proposal[square] = 1
+    widget.viewer.layers[CURRENT_LAYER].data = proposal
+
+
 def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     viewer, widget = annotator
     image, truth = synthetic_cells(np.random.default_rng(0), shape=(128, 128), n_channels=1, n_cells=6)
@@ -81,8 +88,11 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     assert list(points.features["prompt"]) == ["positive", "negative"]
     calls = []
     segment = widget.session.segment
-    widget.session.segment = lambda *args: calls.append(args) or segment(*args)
+    threads = []
+    widget.session.segment = lambda *args: threads.append(threading.current_thread()) or calls.append(args) or segment(*args)
     press(qtbot, viewer, Qt.Key.Key_S)
+    wait_for_worker(qtbot, widget)
+    assert threads and threading.main_thread() not in threads  # segmented off napari's event loop
     prompt_points, prompt_labels, box = calls[-1]
     np.testing.assert_allclose(prompt_points, [cell, [2, 2]])
     assert list(prompt_labels) == [1, 0] and box is None
@@ -100,6 +110,7 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     ys, xs = np.nonzero(truth == 1)
     viewer.layers[BOXES_LAYER].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
     click(qtbot, widget.segment_button)
+    wait_for_worker(qtbot, widget)
     assert calls[-1][2] == pytest.approx([ys.min(), xs.min(), ys.max(), xs.max()])
 
     # automatic segmentation in the background, commit all, undo takes back the whole batch
@@ -125,6 +136,23 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     [sample] = dataset.sample_ids("val")
     np.testing.assert_array_equal(dataset.image(sample)[0], image[0])
     np.testing.assert_array_equal(dataset.labels(sample), viewer.layers[COMMITTED_LAYER].data)
+
+
+def test_opening_an_image_reuses_the_docks_layers_and_allocates_nothing_at_its_size(annotator, qtbot):
+    viewer, widget = annotator
+    ours = {name: viewer.layers[name] for name in (COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER)}
+    image, _ = synthetic_cells(np.random.default_rng(1), shape=(160, 200), n_channels=1, n_cells=4)
+    viewer.add_image(image[0], name="cells", scale=(0.5, 0.5), translate=(10, 20))
+    assert list(viewer.layers)[-5:] == list(ours.values())  # the same layers, above the image
+    for name in (COMMITTED_LAYER, CURRENT_LAYER, AUTOMATIC_LAYER):
+        assert ours[name].data.size == 1 and tuple(ours[name].scale) == (0.5, 0.5)  # placed on it, still empty
+    assert not ours[COMMITTED_LAYER].editable  # nothing to paint on before a plane is read
+    # the view frames the image, as napari does for the first layer it gets
+    y, x = viewer.camera.center[-2:]
+    assert 10 <= y <= 10 + 80 and 20 <= x <= 20 + 100
+    embed(qtbot, widget)
+    assert ours[COMMITTED_LAYER].data.shape == (160, 200) and ours[COMMITTED_LAYER].editable
+    assert all(viewer.layers[name] is made for name, made in ours.items())
 
 
 def test_committed_objects_survive_closing_and_reopening(make_napari_viewer, qtbot, tmp_path):
@@ -177,7 +205,7 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
 
     # export keeps the four channels, their names and the SAM mapping; exporting the same image
     # into the other split moves it there: never twice, never in both splits
-    viewer.layers[CURRENT_LAYER].data[30:50, 30:50] = 1
+    propose_square(widget, np.s_[30:50, 30:50])
     click(qtbot, widget.commit_button)
     widget.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
     for split in ("train", "val"):
@@ -205,7 +233,7 @@ def test_stack_is_annotated_slice_by_slice(annotator, qtbot):
     viewer.dims.set_current_step(0, 2)
     click(qtbot, widget.embed_button)
     wait_for_worker(qtbot, widget)
-    viewer.layers[CURRENT_LAYER].data[10:20, 10:20] = 1
+    propose_square(widget, np.s_[10:20, 10:20])
     click(qtbot, widget.commit_button)
     viewer.dims.set_current_step(0, 4)  # the next slice starts empty and gets its own embeddings
     wait_for_worker(qtbot, widget)
@@ -299,6 +327,7 @@ def test_prompts_outside_the_image_get_a_plain_message(annotator, qtbot):
     embed(qtbot, widget)
     viewer.layers[POINTS_LAYER].add([500, 500])
     click(qtbot, widget.segment_button)
+    wait_for_worker(qtbot, widget)
     assert "outside the image" in widget.status.text()
     assert not viewer.layers[CURRENT_LAYER].data.any()
 
@@ -335,7 +364,7 @@ def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbo
     image, _ = synthetic_cells(np.random.default_rng(8), shape=(96, 96), n_channels=1, n_cells=3)
     layer = viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
-    viewer.layers[CURRENT_LAYER].data[5:15, 5:15] = 1
+    propose_square(widget, np.s_[5:15, 5:15])
     click(qtbot, widget.commit_button)
     key = widget._plane_key
     viewer.layers.remove(layer)
@@ -411,7 +440,7 @@ def test_a_plane_is_read_hashed_and_restored_off_the_event_loop_and_locked_meanw
     stack = np.stack([synthetic_cells(np.random.default_rng(k), shape=(96, 96), n_channels=1, n_cells=3)[0][0] for k in range(6)])
     viewer.add_image(stack, name="frames")
     embed(qtbot, widget)
-    viewer.layers[CURRENT_LAYER].data[10:20, 10:20] = 1
+    propose_square(widget, np.s_[10:20, 10:20])
     click(qtbot, widget.commit_button)
     [start] = widget._plane_index
     threads, release = [], threading.Event()

@@ -170,3 +170,20 @@ def test_which_axis_holds_channels_is_guessed_from_the_shape():
     assert not last_axis_is_channels((40, 512, 512), rgb=False)  # a stack of slices
     assert not last_axis_is_channels((512, 600, 3), rgb=True)  # RGB: napari shows it right
     assert not last_axis_is_channels((512, 600), rgb=False) and not last_axis_is_channels((3, 512, 600, 5), rgb=False)
+
+
+def test_a_sam_input_is_hashed_once_however_often_its_key_is_asked(rng, monkeypatch):
+    from napari_raysam.annotator import image_source
+
+    hashed = []
+    sha256 = image_source.content_sha256
+    monkeypatch.setattr(image_source, "content_sha256", lambda array: hashed.append(array.shape) or sha256(array))
+    rgb = sam_rgb(rng.integers(0, 4000, (3, 64, 80), dtype=np.uint16), (0, 1, 2))
+    assert not rgb.flags.writeable  # nobody can change it behind the remembered key
+    keys = {content_key(rgb) for _ in range(3)}
+    assert len(keys) == 1 and hashed == [(64, 80, 3)]
+    # an array that can change is hashed every time: its key follows its pixels
+    plane = rng.integers(0, 255, (2, 30, 40), dtype=np.uint8)
+    before = content_key(plane)
+    plane[0, 0, 0] ^= 1
+    assert content_key(plane) != before and len(hashed) == 3

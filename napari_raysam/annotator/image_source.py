@@ -7,6 +7,8 @@ only the slice asked for by :meth:`ImageChannels.plane` is read.
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -271,7 +273,13 @@ def sam_rgb(plane: np.ndarray, sam_channels: Sequence[int]) -> np.ndarray:
             f"SAM channels {list(sam_channels)} do not fit this image: choose 1 or 3 channel "
             f"indices between 0 and {plane.shape[0] - 1} (it has {plane.shape[0]} channels)"
         ) from error
-    return np.ascontiguousarray(np.rint(np.moveaxis(rgb, 0, -1)).astype(np.uint8))
+    rgb = np.ascontiguousarray(np.rint(np.moveaxis(rgb, 0, -1)).astype(np.uint8))
+    rgb.flags.writeable = False  # read-only, so content_key hashes it once however often it is asked
+    return rgb
+
+
+_KEYS_LOCK = threading.RLock()  # reentrant: forget() may run from a garbage collection inside a locked block
+_KEYS: dict[int, tuple[weakref.ref, str]] = {}  # content_key of live read-only arrays, by id
 
 
 def content_key(array: np.ndarray) -> str:
@@ -280,8 +288,29 @@ def content_key(array: np.ndarray) -> str:
     Keys the caches: autosaved labels by the raw ``(C, H, W)`` slice (so they survive a change
     of SAM channels), embeddings by SAM's input. For a raw slice it equals the ``image_sha256``
     a dataset export records for that image.
+
+    A read-only array that owns its data (what :func:`sam_rgb` returns) cannot change, so its key
+    is computed once and remembered while the array lives: the SAM session asks for the key of
+    one input several times (cache lookup, embeddings, uncertainty), a second each for a
+    10,000 x 10,000 image.
     """
-    return content_sha256(np.asarray(array))
+    array = np.asarray(array)
+    if array.flags.writeable or not array.flags.owndata:
+        return content_sha256(array)
+    with _KEYS_LOCK:
+        known = _KEYS.get(id(array))
+    if known is not None and known[0]() is array:
+        return known[1]
+    key = content_sha256(array)
+
+    def forget(ref: weakref.ref, address: int = id(array)) -> None:
+        with _KEYS_LOCK:
+            if _KEYS.get(address, (None,))[0] is ref:
+                del _KEYS[address]
+
+    with _KEYS_LOCK:
+        _KEYS[id(array)] = (weakref.ref(array, forget), key)
+    return key
 
 
 def first_axis_is_channels(shape: tuple[int, ...], rgb: bool) -> bool:

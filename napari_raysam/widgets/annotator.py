@@ -112,6 +112,16 @@ def _entry_layer_names(entry: str) -> list[str]:
     return [entry]
 
 
+def _proposal_message(labels: np.ndarray) -> str:
+    """What the status line says about ``labels``, the objects proposed for prompts 1, 2, ... (0 where
+    a prompt found nothing). Seconds for a large image (``np.unique``): call it in the worker."""
+    found = len(np.unique(labels[labels > 0]))
+    if found <= 1:
+        return f"proposed object: {int(np.count_nonzero(labels))} pixels. Commit [C] keeps it; add points to correct it"
+    empty = int(labels.max()) - found
+    return f"proposed {found} objects" + (f" ({empty} prompts gave none)" if empty else "") + ". Commit [C] keeps them all"
+
+
 def annotator_for(viewer: napari.viewer.Viewer) -> AnnotatorWidget | None:
     """The annotator dock open in ``viewer``, if any (the fine-tune dock works through it)."""
     return _ANNOTATORS.get(id(viewer))
@@ -154,11 +164,12 @@ class AnnotatorWidget(QWidget):
         self.layers = AnnotatorLayers(napari_viewer, on_created=self._layer_created)
         self._build_ui()
         self._bind_keys()
+        self.layers.create_missing()  # now, once: adding a layer stalls napari for 0.2-0.6 s once a large image is open
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_image_choices)
         self.viewer.dims.events.current_step.connect(self._on_slice_change)
         self._refresh_image_choices()
-        self._prepare_layers()
+        self._place_layers()
         self._update_buttons()
         _ANNOTATORS[id(napari_viewer)] = self
 
@@ -199,7 +210,7 @@ class AnnotatorWidget(QWidget):
         image_box = QGroupBox("Image")
         image_form = QFormLayout(image_box)
         self.image_combo = _combo("The image layer to annotate")
-        self.image_combo.currentIndexChanged.connect(lambda _index: (self._on_image_choice(), self._prepare_layers()))
+        self.image_combo.currentIndexChanged.connect(lambda _index: (self._on_image_choice(), self._place_layers()))
         image_form.addRow("Layer", self.image_combo)
         self.layout_combo = _combo("Whether the layer's first axis holds channels or slices")
         self.layout_combo.addItems(["slices (annotate one by one)", "channels"])
@@ -345,6 +356,11 @@ class AnnotatorWidget(QWidget):
         image = event.value if isinstance(event.value, Image) else None
         if image is not None:
             self.layers.keep_on_top()
+            if sum(isinstance(layer, Image) for layer in self.viewer.layers) == 1:
+                # napari frames the first layer added and shows a stack's middle slice; ours came
+                # first, so do that for the first image
+                self.viewer.reset_view()
+                self.viewer.dims.current_step = [(steps - 1) // 2 for steps in self.viewer.dims.nsteps]
         self._refresh_image_choices()
         if image is None:
             return
@@ -355,7 +371,7 @@ class AnnotatorWidget(QWidget):
                 if entry.startswith(_ALL_CHANNEL_LAYERS) and image.name in _entry_layer_names(entry):
                     self.image_combo.setCurrentIndex(index)
                     break
-        self._prepare_layers()
+        self._place_layers()
 
     def _refresh_image_choices(self, event=None) -> None:
         if self._image_layer is not None and self._image_layer not in self.viewer.layers:
@@ -424,20 +440,11 @@ class AnnotatorWidget(QWidget):
         names = [layer.name for layer in split_last_axis(self.viewer, layers[0])]
         self.image_combo.setCurrentText(_ALL_CHANNEL_LAYERS + " + ".join(names))
 
-    def _prepare_layers(self) -> None:
-        """Create our layers for the chosen image before any click needs them.
-
-        Called when an image is added or chosen, while napari is busy with it anyway: creating a
-        layer blocks the event loop for 70-300 ms (bench/annotator.py), which would otherwise
-        happen when "Compute embeddings" is clicked.
-        """
-        if self._channels is not None:  # an image is being annotated: its layers exist
-            return
-        try:
-            channels = self._read_channels()
-        except ImageError:
-            return  # the channel choosers already say why
-        self._ensure_layers(self._chosen_layers()[0], np.zeros(channels.shape, np.uint32))
+    def _place_layers(self) -> None:
+        """Align our layers with the chosen image, so that prompts can be placed on it at once."""
+        chosen = self._chosen_layers()
+        if self._channels is None and chosen:  # else an image is being annotated: the layers follow it
+            self.layers.place(chosen[0])
 
     def _refresh_channels(self) -> None:
         """List the chosen image's channels in the SAM channel choosers (none if it is unusable)."""
@@ -581,7 +588,7 @@ class AnnotatorWidget(QWidget):
     def _set_editable(self, editable: bool) -> None:
         committed = self._layer(COMMITTED_LAYER)
         if committed is not None:
-            committed.editable = editable
+            committed.editable = editable and self._plane_key is not None  # nothing to paint on before a plane is read
 
     def _forget_image(self) -> None:
         """The annotated image was closed: its objects are saved; nothing refers to it any more."""
@@ -622,7 +629,7 @@ class AnnotatorWidget(QWidget):
         return self.layers.get(name)
 
     def _ensure_layers(self, image: Image, committed: np.ndarray) -> None:
-        self.layers.ensure(image, committed, clear_automatic=self._has_automatic)
+        self.layers.ensure(image, committed)
         self._has_automatic = False
         self._set_prompt_mode(self._prompt_mode)
 
@@ -645,8 +652,11 @@ class AnnotatorWidget(QWidget):
     def segment(self) -> None:
         """Show the objects SAM proposes for the current points and boxes in the current-object layer.
 
-        One object is segmented at once; several (batched, or several boxes) in the background."""
-        if self._worker is not None or self.session.image_shape is None:
+        Runs in the background, even for one object (0.1-0.2 s with vit_t on a CPU): the viewer
+        stays responsive, and a prompt added meanwhile is answered by the next Segment."""
+        if self._worker is not None:
+            return  # busy: the task running says so in the status line
+        if self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
         try:
@@ -656,27 +666,19 @@ class AnnotatorWidget(QWidget):
             return
         if not objects:
             self._say("add a positive point or a box first")
-        elif len(objects) == 1:
-            try:
-                self._show_proposal(self.session.segment_objects(objects))
-            except SessionError as error:
-                self._say(str(error))
-        else:
-            self._start(
-                f"segmenting {len(objects)} objects…",
-                lambda progress: self.session.segment_objects(objects, progress),
-                self._show_proposal,
-            )
+            return
 
-    def _show_proposal(self, labels: np.ndarray) -> None:
-        # uint8 while it fits: a quarter of the memory napari copies and draws for a large image
-        self._layer(CURRENT_LAYER).data = labels.astype(np.uint8) if labels.max() < 256 else labels
-        found = len(np.unique(labels[labels > 0]))
-        if found <= 1:
-            self._say(f"proposed object: {int((labels > 0).sum())} pixels. Commit [C] keeps it; add points to correct it")
-        else:
-            empty = int(labels.max()) - found
-            self._say(f"proposed {found} objects" + (f" ({empty} prompts gave none)" if empty else "") + ". Commit [C] keeps them all")
+        def propose(progress) -> tuple[np.ndarray, str]:
+            labels = self.session.segment_objects(objects, progress)
+            # uint8 while it fits: a quarter of the memory napari copies and draws for a large image
+            return labels.astype(np.uint8) if labels.max() < 256 else labels, _proposal_message(labels)
+
+        self._start(f"segmenting {len(objects)} object{'s' if len(objects) > 1 else ''}…", propose, self._show_proposal)
+
+    def _show_proposal(self, proposal: tuple[np.ndarray, str]) -> None:
+        labels, message = proposal
+        self.layers.show(CURRENT_LAYER, labels)
+        self._say(message)
 
     def clear_prompts(self) -> None:
         """Drop all points, boxes and the shown object."""
@@ -729,7 +731,7 @@ class AnnotatorWidget(QWidget):
 
     def _automatic_ready(self, result: tuple[np.ndarray, int]) -> None:
         labels, count = result
-        self._layer(AUTOMATIC_LAYER).data = labels
+        self.layers.show(AUTOMATIC_LAYER, labels)
         self._has_automatic = True
         self._say(f"automatic segmentation: {count} objects. Commit all keeps them (one undo step)")
 
@@ -745,7 +747,7 @@ class AnnotatorWidget(QWidget):
             self._say(str(error))
             return
         committed.refresh()
-        automatic.data = np.zeros_like(automatic.data)
+        self.layers.clear(AUTOMATIC_LAYER)
         self._has_automatic = False
         self._autosave()
         self._say(f"committed {len(ids)} objects from the automatic segmentation")

@@ -1,4 +1,4 @@
-"""The annotator's five napari layers: created once for an image, then reused, and read as prompts."""
+"""The annotator's five napari layers: created once when the dock opens, reused for every image, read as prompts."""
 
 from __future__ import annotations
 
@@ -17,10 +17,23 @@ COMMITTED_LAYER = "SAM committed objects"
 AUTOMATIC_LAYER = "SAM automatic segmentation"
 
 _PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
+_EMPTY_SHAPE = (1, 1)
+
+
+def _empty(dtype) -> np.ndarray:
+    """What an empty labels layer holds: one unlabelled pixel (napari needs some data)."""
+    return np.zeros(_EMPTY_SHAPE, dtype)
 
 
 class AnnotatorLayers:
     """Point and box prompts, the proposed object, the committed objects and the automatic result.
+
+    The five layers are created once, when the dock opens (:meth:`create_missing`), and reused for
+    every image: adding any layer to napari blocks its event loop for 0.2-0.6 s once a large image
+    is open (napari's own cost: layer controls, shaders, a redraw; measured in
+    ``docs/BENCHMARKS.md``), while replacing a layer's data costs less than 0.12 s even at
+    10,000 x 10,000. A labels layer with nothing to show holds a single empty pixel at the image's
+    origin (:func:`_empty`), so that opening an image costs the dock no full-size arrays.
 
     ``on_created(name, layer)`` is called for each layer this creates (for key bindings, events).
     """
@@ -33,49 +46,63 @@ class AnnotatorLayers:
         """The layer called ``name``, or None (the user may have deleted it)."""
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
-    def ensure(self, image: Image, committed: np.ndarray, *, clear_automatic: bool) -> None:
-        """Show ``committed`` ((H, W) uint32) and empty prompt and result layers, aligned with the
-        image's last two axes.
-
-        Each layer is created once (again only if the user deleted it) and then reused: creating a
-        napari layer blocks the event loop for 70-300 ms (bench/annotator.py); replacing data costs
-        less, so only what changed is replaced. ``clear_automatic`` empties an automatic result.
-        """
-        placement = {"scale": image.scale[-2:], "translate": image.translate[-2:]}
-        height, width = committed.shape
-        point_size = max(8, max(height, width) // 60)
+    def create_missing(self) -> None:
+        """Create those of the five layers that do not exist (all at first; one the user deleted),
+        empty and placed at the world's origin until :meth:`place` aligns them with an image."""
         create = {
-            COMMITTED_LAYER: lambda: self.viewer.add_labels(committed, name=COMMITTED_LAYER, **placement),
-            AUTOMATIC_LAYER: lambda: self.viewer.add_labels(
-                np.zeros((height, width), np.uint32), name=AUTOMATIC_LAYER, opacity=0.5, **placement
-            ),
-            CURRENT_LAYER: lambda: self.viewer.add_labels(
-                np.zeros((height, width), np.uint8), name=CURRENT_LAYER, opacity=0.6, **placement
-            ),
+            COMMITTED_LAYER: lambda: self.viewer.add_labels(_empty(np.uint32), name=COMMITTED_LAYER),
+            AUTOMATIC_LAYER: lambda: self.viewer.add_labels(_empty(np.uint32), name=AUTOMATIC_LAYER, opacity=0.5),
+            CURRENT_LAYER: lambda: self.viewer.add_labels(_empty(np.uint8), name=CURRENT_LAYER, opacity=0.6),
             BOXES_LAYER: lambda: self.viewer.add_shapes(
-                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placement,
+                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2,
             ),
             POINTS_LAYER: lambda: self.viewer.add_points(
-                name=POINTS_LAYER, ndim=2, size=point_size, face_color="transparent", border_width=0.3,
+                name=POINTS_LAYER, ndim=2, face_color="transparent", border_width=0.3,
                 features={"prompt": np.array([], dtype=object)}, property_choices={"prompt": [POSITIVE, NEGATIVE]},
-                border_color="prompt", border_color_cycle=_PROMPT_COLORS, **placement,
+                border_color="prompt", border_color_cycle=_PROMPT_COLORS,
             ),
         }
         for name, make in create.items():
+            if self.get(name) is None:
+                layer = make()
+                if name == COMMITTED_LAYER:
+                    layer.editable = False  # until an image is annotated (:meth:`ensure`)
+                self._on_created(name, layer)
+
+    def place(self, image: Image) -> None:
+        """Align the five layers with ``image``'s last two axes (its scale and translation) and size
+        the points for it; their data stay as they are. Cheap: no array is allocated."""
+        self.create_missing()
+        scale, translate = tuple(image.scale[-2:]), tuple(image.translate[-2:])
+        for name in (COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER):
             layer = self.get(name)
-            if layer is None:
-                self._on_created(name, make())
-                continue
-            if tuple(layer.scale) != tuple(placement["scale"]) or tuple(layer.translate) != tuple(placement["translate"]):
-                layer.scale, layer.translate = placement["scale"], placement["translate"]
-            if name == COMMITTED_LAYER and (layer.data.shape != committed.shape or layer.data.any() or committed.any()):
-                layer.data = committed
-            elif name == CURRENT_LAYER and layer.data.shape != (height, width):
-                layer.data = np.zeros((height, width), np.uint8)
-            elif name == AUTOMATIC_LAYER and (clear_automatic or layer.data.shape != (height, width)):
-                layer.data = np.zeros((height, width), np.uint32)
-            elif name == POINTS_LAYER:
-                layer.current_size = point_size
+            if tuple(layer.scale) != scale or tuple(layer.translate) != translate:
+                layer.scale, layer.translate = scale, translate
+        self.get(POINTS_LAYER).current_size = max(8, max(image.data.shape[-2:]) // 60)
+
+    def ensure(self, image: Image, committed: np.ndarray) -> None:
+        """Show ``committed`` ((H, W) uint32, the plane's objects) over ``image``, with no proposed
+        object and no automatic result, and make it paintable. Replaces the committed layer's data
+        only when it changed (a large image's labels take a tenth of a second to show)."""
+        self.place(image)
+        layer = self.get(COMMITTED_LAYER)
+        if layer.data.shape != committed.shape or layer.data.any() or committed.any():
+            layer.data = committed
+        layer.editable = True
+        self.clear(CURRENT_LAYER)
+        self.clear(AUTOMATIC_LAYER)
+
+    def show(self, name: str, labels: np.ndarray) -> None:
+        """Show ``labels`` ((H, W) integers, the image's size) in the labels layer ``name``: the
+        proposed object(s) or the automatic result."""
+        self.create_missing()
+        self.get(name).data = labels
+
+    def clear(self, name: str) -> None:
+        """Empty the labels layer ``name`` (the current object or the automatic result)."""
+        layer = self.get(name)
+        if layer is not None and (layer.data.shape != _EMPTY_SHAPE or layer.data.any()):
+            layer.data = _empty(layer.data.dtype)
 
     def keep_on_top(self) -> None:
         """Move this annotator's layers above all others, keeping their order: an image opened after
@@ -110,9 +137,7 @@ class AnnotatorLayers:
                 # napari keeps the selection of removed points; setting their size then fails
                 layer.selected_data = set()
                 layer.data = []
-        current = self.get(CURRENT_LAYER)
-        if current is not None and current.data.any():
-            current.data = np.zeros_like(current.data)
+        self.clear(CURRENT_LAYER)
 
 
 def split_last_axis(viewer: napari.Viewer, layer: Image) -> list[Image]:
