@@ -22,11 +22,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 from segment_anything import SamPredictor
 
 from backend.config import TrainConfig
@@ -34,7 +32,7 @@ from backend.dataset import open_dataset
 from backend.models import load_model
 from backend.simulated_annotator import click_summary, simulate_annotator
 from backend.training import train
-from common import hela_dataset, machine
+from common import hela_dataset, start_bench
 from napari_raysam.cli import EPOCH_CAP
 from napari_raysam.demo import scored_objects
 
@@ -65,10 +63,8 @@ def main() -> None:
     # 60 of each frame's ~190 objects: 3 seeds of 5 minutes take about 30 minutes on the 2 shared cores
     parser.add_argument("--objects", type=int, default=60, help="evenly spread held-out objects per frame")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
-    print(machine(), "| load:", os.getloadavg(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-clicks-"))
+    work = start_bench("bench-clicks-")
     data = hela_dataset(work / "data")
     test = data.parent / "hela_test.zarr"
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,6 +30,15 @@ def machine() -> str:
         f"{os.cpu_count()} CPU cores ({cpu}), {memory_gib:.0f} GiB, {gpu}; "
         f"Python {platform.python_version()}, torch {torch.__version__}, {torch.get_num_threads()} torch threads"
     )
+
+
+def start_bench(prefix: str) -> Path:
+    """Start a CPU learning benchmark: torch uses ``$OMP_NUM_THREADS`` threads (1 by default, so
+    runs compare on a shared machine), the machine and its load are printed, and a fresh work
+    folder named ``<prefix>...`` is made in the temporary directory and returned."""
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    print(machine(), "| load:", os.getloadavg(), flush=True)
+    return Path(tempfile.mkdtemp(prefix=prefix))
 
 
 def hela_dataset(folder: Path) -> Path:

@@ -23,18 +23,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
-import torch
 
 from backend.config import TrainConfig
 from backend.dataset import open_dataset
 from backend.evaluation import evaluate_images
 from backend.models import load_model
 from backend.training import SamFineTuner
-from common import hela_dataset, machine
+from common import hela_dataset, start_bench
 from napari_raysam.demo import scored_objects
 
 # micro-sam's recipe as the demo ran it (25 objects x 8 rounds needs ~10 GB, see BENCHMARKS), and
@@ -109,9 +107,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="fast recipe override, e.g. lr=3e-4")
     parser.add_argument("--dev", action="store_true", help="development: score the val frames, not the held-out ones")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    print(machine(), "| load:", os.getloadavg(), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-curve-"))
+    work = start_bench("bench-curve-")
     data = hela_dataset(work / "data")
     test = data.parent / "hela_test.zarr"
     marks_s = [float(m) * 60 for m in args.marks.split(",")]

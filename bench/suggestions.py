@@ -32,12 +32,10 @@ import argparse
 import json
 import os
 import random
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from segment_anything import SamPredictor
 
 from backend.config import TrainConfig
@@ -47,7 +45,7 @@ from backend.models import load_model, set_predictor_image
 from backend.training import train
 from backend.uncertainty import point_confidences, uncertainty
 from clicks import START_MODEL, held_out_clicks
-from common import machine
+from common import start_bench
 from napari_raysam.cli import EPOCH_CAP
 from napari_raysam.demo import TEST_FRAMES, TRAIN_FRAMES, VAL_FRAMES, hela_frames, scored_objects
 
@@ -123,11 +121,9 @@ def main() -> None:
     parser.add_argument("--eval-crops", type=int, default=2, help="crops per val and per held-out frame")
     parser.add_argument("--objects", type=int, default=8, help="evenly spread held-out objects per crop")
     args = parser.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     started = time.perf_counter()
-    print(machine(), "| load:", os.getloadavg(), flush=True)
     print(json.dumps(vars(args)), flush=True)
-    work = Path(tempfile.mkdtemp(prefix="bench-suggestions-"))
+    work = start_bench("bench-suggestions-")
     storage = work / "runs"
     images, labels = hela_frames()
 
