@@ -147,9 +147,14 @@ def test_opening_an_image_reuses_the_docks_layers_and_allocates_nothing_at_its_s
     for name in (COMMITTED_LAYER, CURRENT_LAYER, AUTOMATIC_LAYER):
         assert ours[name].data.size == 1 and tuple(ours[name].scale) == (0.5, 0.5)  # placed on it, still empty
     assert not ours[COMMITTED_LAYER].editable  # nothing to paint on before a plane is read
-    # the view frames the image, as napari does for the first layer it gets
-    y, x = viewer.camera.center[-2:]
-    assert 10 <= y <= 10 + 80 and 20 <= x <= 20 + 100
+    # the view frames the whole image (80 x 100 in world units), as napari does for the first layer it gets
+    def framed() -> bool:
+        height, width = viewer.window._qt_viewer.canvas.size
+        y, x = viewer.camera.center[-2:]
+        whole = viewer.camera.zoom * 80 <= height and viewer.camera.zoom * 100 <= width
+        return whole and abs(y - 50) < 1 and abs(x - 70) < 1
+
+    qtbot.waitUntil(framed, timeout=2000)
     embed(qtbot, widget)
     assert ours[COMMITTED_LAYER].data.shape == (160, 200) and ours[COMMITTED_LAYER].editable
     assert all(viewer.layers[name] is made for name, made in ours.items())

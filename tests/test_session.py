@@ -368,3 +368,13 @@ def test_the_next_image_is_embedded_ahead_without_touching_the_current_one(rgb, 
     assert not session.cache_embeddings(following)  # cached: nothing computed twice
     session.set_image(following)
     assert len(calls) == 1 and session.image_shape == (96, 112)
+
+
+def test_a_gpu_is_offered_first_and_the_cpu_always(monkeypatch):
+    from napari_raysam.annotator.devices import available_devices
+
+    assert available_devices()[-1] == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    assert available_devices() == ["cuda:0", "cuda:1", "cpu"]

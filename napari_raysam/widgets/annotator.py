@@ -40,6 +40,7 @@ from qtpy.QtWidgets import (
 from backend.dataset import DatasetError
 from backend.models import ModelError
 from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory
+from napari_raysam.annotator.devices import available_devices
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
 from napari_raysam.annotator.image_source import (
     ImageChannels,
@@ -248,6 +249,11 @@ class AnnotatorWidget(QWidget):
         model_row.addWidget(browse_file)
         model_row.addWidget(browse_folder)
         model_form.addRow("Model", model_row)
+        self.device_combo = _combo("Where SAM runs: a GPU is many times faster than the CPU. Changing it reloads the model")
+        self.device_combo.addItems(available_devices())
+        self.session.device = self.device_combo.currentText()  # the fastest there is
+        self.device_combo.currentTextChanged.connect(self._on_device_choice)
+        model_form.addRow("Device", self.device_combo)
         self.load_model_button = QPushButton("Load model", toolTip="Load the chosen model; embeddings are kept when its image encoder is unchanged")
         self.load_model_button.clicked.connect(lambda: self.load_model())
         self.model_label = QLabel("no model loaded", wordWrap=True)
@@ -341,6 +347,7 @@ class AnnotatorWidget(QWidget):
         busy = self._worker is not None
         ready = not busy and self.session.image_shape is not None
         self.load_model_button.setEnabled(not busy)
+        self.device_combo.setEnabled(not busy and self.device_combo.count() > 1)
         self.embed_button.setEnabled(not busy and self.image_combo.count() > 0)
         for button in (self.segment_button, self.commit_button, self.automatic_button):
             button.setEnabled(ready)
@@ -358,9 +365,10 @@ class AnnotatorWidget(QWidget):
             self.layers.keep_on_top()
             if sum(isinstance(layer, Image) for layer in self.viewer.layers) == 1:
                 # napari frames the first layer added and shows a stack's middle slice; ours came
-                # first, so do that for the first image
-                self.viewer.reset_view()
+                # first, so do that for the first image, once the dock's new contents are laid out
+                # (they may narrow the canvas)
                 self.viewer.dims.current_step = [(steps - 1) // 2 for steps in self.viewer.dims.nsteps]
+                QTimer.singleShot(0, self.viewer.reset_view)
         self._refresh_image_choices()
         if image is None:
             return
@@ -517,12 +525,17 @@ class AnnotatorWidget(QWidget):
             lambda kept: self._model_loaded(kept, had_image),
         )
 
+    def _on_device_choice(self, device: str) -> None:
+        self.session.device = device
+        if self.session.model is not None:
+            self.load_model(self.session.model.source)  # the loaded model moves there
+
     def _model_loaded(self, kept: bool, had_image: bool) -> None:
         model = self.session.model
         uses_decoder = self.session.automatic_mode == AIS
         method = "its instance decoder" if uses_decoder else "a point grid"
         shown = "/".join(Path(model.source).parts[-2:]) if Path(model.source).exists() else model.source
-        self.model_label.setText(f"{model.model_type} from {shown}; automatic segmentation: {method}")
+        self.model_label.setText(f"{model.model_type} from {shown} on {self.session.device}; automatic segmentation: {method}")
         self.model_label.setToolTip(model.source)
         self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
         self.automatic_settings.set_method(uses_decoder)
