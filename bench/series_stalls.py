@@ -4,11 +4,13 @@ Real napari (Xvfb when there is no display) with the docked ``AnnotatorWidget``;
 heartbeat every 10 ms on napari's event loop, and the longest gap between two beats is the
 longest stall. Three phases:
 
-1. **large image**: a 10,000 x 10,000 (``--side``) 4-channel uint16 image is added (napari's own
-   ``add_image`` is timed apart: it is napari's cost, not the dock's), then *Compute embeddings*
-   until the dock has read, scaled and hashed the plane and the image encoder starts (the first
-   progress report of the tiled embedding); ``random:tiny`` there, since only the event loop is
-   measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
+1. **large image**: a 10,000 x 10,000 (``--side``) 4-channel uint16 image is added, first to
+   napari alone (before the dock exists, after a small image warmed napari up: napari's own
+   cost), then with the dock open (``add_image`` timed too, the dock's handlers included); then
+   *Compute embeddings* until the dock has read, scaled and hashed the plane and the image encoder
+   starts (the first progress report of the tiled embedding), the rest of the embedding, and one
+   point prompt answered (a 10,000 x 10,000 proposal shown); ``random:tiny`` there, since only
+   the event loop is measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
 2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
    frame is embedded, the series row computes the next one's embeddings in the background, then
    *Next* (N) until the next frame is ready and a point prompt has been answered, ``--steps`` times:
@@ -85,9 +87,18 @@ class EventLoop:
                 "timed_out": "done" not in times}
 
 
-def large_image(viewer, widget, loop: EventLoop, side: int) -> dict:
-    rng = np.random.default_rng(0)
-    image = rng.integers(0, 4000, (4, side, side), dtype=np.uint16)
+def large_image_without_the_dock(viewer, loop: EventLoop, image: np.ndarray) -> dict:
+    """napari's own cost of opening ``image``, before the dock exists (after a small image warmed napari up)."""
+    loop.run_until(lambda: viewer.add_image(np.zeros((64, 64), np.uint16), name="warm-up"), lambda: True)
+    viewer.layers.clear()
+    figures = loop.run_until(lambda: viewer.add_image(image, name="large"), lambda: "large" in viewer.layers)
+    viewer.layers.clear()
+    return figures
+
+
+def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
+    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+
     figures: dict = {}
 
     def add() -> None:
@@ -105,6 +116,11 @@ def large_image(viewer, widget, loop: EventLoop, side: int) -> dict:
         widget.compute_embeddings, lambda: any(total > 1 for _, total in progress)
     )
     figures["compute_embeddings_to_the_end"] = loop.run_until(lambda: None, lambda: widget._worker is None)
+    side = image.shape[-1]
+    viewer.layers[POINTS_LAYER].data = [[side / 2, side / 2]]
+    figures["point_prompt_answered"] = loop.run_until(
+        widget.segment, lambda: widget._worker is None and widget.viewer.layers[CURRENT_LAYER].data.shape == image.shape[1:]
+    )
     viewer.layers.clear()
     return figures
 
@@ -126,14 +142,24 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int) -> dict:
         z = widget._plane_index[0] + 1
         centre = np.argwhere(labels[z] == np.unique(labels[z])[1]).mean(axis=0)
 
+        asked: list[float] = []  # when the prompt was sent
+
         def answered() -> bool:
+            """Once the frame is shown, prompt it once; true when the answer is on screen."""
             if widget._worker is not None or widget._plane_index != (z,):
                 return False
-            widget.viewer.layers[POINTS_LAYER].data = centre[None]
-            widget.segment()
-            return widget.viewer.layers[CURRENT_LAYER].data.any() or "proposed object" in widget.status.text()
+            if not asked:
+                widget.viewer.layers[POINTS_LAYER].data = centre[None]
+                widget.segment()  # in the dock's worker
+                asked.append(time.perf_counter())
+                return False
+            return widget.viewer.layers[CURRENT_LAYER].data.shape == labels.shape[1:]
 
-        figures["next"].append({"to": z, **loop.run_until(widget.series.next, answered)})
+        pressed: list[float] = []
+        step = loop.run_until(lambda: (pressed.append(time.perf_counter()), widget.series.next()), answered)
+        # the frame is shown and prompted (next_to_prompt_s), then the prompt is answered
+        step["next_to_prompt_s"] = round(asked[0] - pressed[0], 3)
+        figures["next"].append({"to": z, **step})
         widget.clear_prompts()
     widget.grid_spin.setValue(grid)
     figures["automatic_segmentation"] = loop.run_until(widget.automatic_segmentation, lambda: widget._worker is None)
@@ -142,7 +168,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image")
+    parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image (0: skip that phase)")
     parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed")
     parser.add_argument("--grid", type=int, default=16, help="automatic segmentation's points per side")
     args = parser.parse_args()
@@ -154,10 +180,15 @@ def main() -> None:
     print(machine(), flush=True)
     work = Path(os.environ["NAPARI_RAYSAM_HOME"])
     viewer = napari.Viewer(show=True)
+    loop = EventLoop()
+    result: dict = {}
+    if args.side:
+        image = np.random.default_rng(0).integers(0, 4000, (4, args.side, args.side), dtype=np.uint16)
+        result["large_image_without_the_dock"] = large_image_without_the_dock(viewer, loop, image)
     widget = AnnotatorWidget(viewer, cache_dir=work / "cache")
     viewer.window.add_dock_widget(widget, name="SAM annotator")
-    loop = EventLoop()
-    result = {"large_image": large_image(viewer, widget, loop, args.side)}
+    if args.side:
+        result["large_image"] = large_image(viewer, widget, loop, image)
     print(json.dumps(result, indent=1), flush=True)
     result["series"] = series(viewer, widget, loop, args.steps, args.grid)
     result["goals_ms"] = GOALS_MS
