@@ -92,7 +92,7 @@ def round_trip(args: argparse.Namespace, home: Path, separate) -> int:
     annotator = AnnotatorWidget(viewer)
     viewer.window.add_dock_widget(annotator, name="SAM annotator")
     viewer.add_image(images[: args.frames], name="hela")
-    annotator.layout_combo.setCurrentIndex(0)  # slices
+    annotator.image.layout_combo.setCurrentIndex(0)  # slices
     annotator.load_model(args.model)
     wait(lambda: not annotator.busy and annotator.model_source == args.model)
     print(f"annotating {args.frames} frames (embeddings by the annotator) ...", flush=True)

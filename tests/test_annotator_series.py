@@ -38,7 +38,7 @@ def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeyp
     viewer.add_image(stack, name="frames")
     series = widget.series
     assert series.label.text() == "0 of 1 annotated, checking…"  # three planes: guessed to be channels
-    widget.layout_combo.setCurrentIndex(0)  # the user says: slices
+    widget.image.layout_combo.setCurrentIndex(0)  # the user says: slices
     assert series.label.text() == "image 2 of 3 · 0 of 3 annotated, checking…"  # napari opens a stack in its middle
     click(qtbot, series.previous_button)
     assert not series.previous_button.isEnabled() and series.next_button.isEnabled()

@@ -192,19 +192,19 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
     image, _ = synthetic_cells(np.random.default_rng(3), shape=(96, 96), n_channels=4, n_cells=3)
     viewer.add_image(image, name="hpa")
     # a short first axis is taken as channels; HPA's default SAM mapping is offered
-    assert widget.layout_combo.currentText() == "channels"
-    assert [combo.count() for combo in widget.channel_combos] == [4, 5, 5]
-    widget.channel_combos[1].setCurrentIndex(0)  # green: none
-    widget.channel_combos[2].setCurrentIndex(0)  # blue: none -> the red channel alone
-    assert widget._sam_channels() == (widget.channel_combos[0].currentIndex(),)
+    assert widget.image.layout_combo.currentText() == "channels"
+    assert [combo.count() for combo in widget.image.channel_combos] == [4, 5, 5]
+    widget.image.channel_combos[1].setCurrentIndex(0)  # green: none
+    widget.image.channel_combos[2].setCurrentIndex(0)  # blue: none -> the red channel alone
+    assert widget.image.sam_channels() == (widget.image.channel_combos[0].currentIndex(),)
 
     for index, name in enumerate(("microtubules", "protein", "nucleus", "er")):
         viewer.add_image(image[index], name=name)
-    entries = [widget.image_combo.itemText(i) for i in range(widget.image_combo.count())]
+    entries = [widget.image.layer_combo.itemText(i) for i in range(widget.image.layer_combo.count())]
     combined = [entry for entry in entries if "microtubules + protein + nucleus + er" in entry]
     assert combined, entries
-    widget.image_combo.setCurrentText(combined[0])
-    assert [widget.channel_combos[0].itemText(i) for i in range(4)] == ["microtubules", "protein", "nucleus", "er"]
+    widget.image.layer_combo.setCurrentText(combined[0])
+    assert [widget.image.channel_combos[0].itemText(i) for i in range(4)] == ["microtubules", "protein", "nucleus", "er"]
     embed(qtbot, widget)
     assert widget.session.image_shape == (96, 96)
 
@@ -233,7 +233,7 @@ def test_stack_is_annotated_slice_by_slice(annotator, qtbot):
     rng = np.random.default_rng(4)
     stack = np.stack([synthetic_cells(rng, shape=(80, 80), n_channels=1, n_cells=3)[0][0] for _ in range(6)])
     viewer.add_image(stack, name="frames")
-    assert widget.layout_combo.currentText().startswith("slices")
+    assert widget.image.layout_combo.currentText().startswith("slices")
     load_tiny_model(qtbot, widget)
     viewer.dims.set_current_step(0, 2)
     click(qtbot, widget.embed_button)
@@ -346,7 +346,7 @@ def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
     viewer.open_sample("napari-raysam", "hela")
     frames, masks = (layer for layer in viewer.layers if layer.name.startswith("HeLa"))
     assert frames.data.shape == (20, 700, 1100) and masks.data.max() > 10
-    assert widget.image_combo.currentText() == frames.name
+    assert widget.image.layer_combo.currentText() == frames.name
 
 
 def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
@@ -503,12 +503,12 @@ def test_a_channel_last_image_is_split_into_channel_layers_and_annotated_as_one(
     image, _ = synthetic_cells(np.random.default_rng(6), shape=(96, 112), n_channels=5, n_cells=3)
     channel_last = np.moveaxis(image, 0, -1)  # (H, W, C), as many TIFF writers store it
     viewer.add_image(channel_last, name="tiff", scale=(0.5, 0.5, 1))
-    assert widget.split_button.isVisible() and "channels last" in widget.status.text()
-    click(qtbot, widget.split_button)
-    assert widget.image_combo.currentText() == "channel layers: " + " + ".join(f"tiff [{k}]" for k in range(5))
-    assert "tiff" not in viewer.layers and viewer.dims.ndim == 2 and not widget.split_button.isVisible()
+    assert widget.image.split_button.isVisible() and "channels last" in widget.status.text()
+    click(qtbot, widget.image.split_button)
+    assert widget.image.layer_combo.currentText() == "channel layers: " + " + ".join(f"tiff [{k}]" for k in range(5))
+    assert "tiff" not in viewer.layers and viewer.dims.ndim == 2 and not widget.image.split_button.isVisible()
     assert tuple(viewer.layers["tiff [0]"].scale) == (0.5, 0.5)
-    assert [widget.channel_combos[0].itemText(k) for k in range(5)] == [f"tiff [{k}]" for k in range(5)]
+    assert [widget.image.channel_combos[0].itemText(k) for k in range(5)] == [f"tiff [{k}]" for k in range(5)]
     embed(qtbot, widget)
     assert widget.session.image_shape == (96, 112)
     np.testing.assert_array_equal(widget._channels.plane(()), image)

@@ -94,7 +94,7 @@ def test_napari_opens_hpa_files_through_our_reader_and_the_annotator_takes_the_f
     # the prompts and masks stay above the stains that arrived after them
     assert all(isinstance(layer, Image) for layer in list(viewer.layers)[:4])
     # the dock chose the four stain layers as one image, mapped to SAM as HPA's segmentation does
-    channels = widget._read_channels()
+    channels = widget.image.read_channels()
     assert [name.split(" (")[0] for name in channels.names] == list(CHANNEL_NAMES)
     assert channels.default_sam_channels() == (0, 3, 2)
     if opened == "file":

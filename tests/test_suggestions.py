@@ -69,7 +69,7 @@ def test_suggested_goes_to_the_hard_image_then_to_another_once_it_is_annotated(a
     easy = fields(3, 3)
     stack = np.stack([inverted(easy[0]), easy[1], easy[2], fields(4, 1)[0]])  # image 1 is the hard one
     viewer.add_image(stack, name="fields")
-    widget.layout_combo.setCurrentIndex(0)  # slices
+    widget.image.layout_combo.setCurrentIndex(0)  # slices
     series = widget.series
     assert not series.suggested_button.isEnabled()
     assert "load a model" in series.suggested_button.toolTip()

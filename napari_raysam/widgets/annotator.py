@@ -2,10 +2,12 @@
 
 Thin by design: images are read by :mod:`napari_raysam.annotator.image_source`, SAM runs in
 :class:`napari_raysam.annotator.session.SamSession`, commits/undo and autosave live in
-:mod:`napari_raysam.annotator.annotations`, export in :func:`backend.dataset.write_samples`. This module
-wires them to napari layers, buttons, keys and thread workers. Everything slow (model
-loading, embeddings, automatic segmentation, export) runs in a worker thread; errors end up
-in the status line, in plain words, never in a traceback dialog.
+:mod:`napari_raysam.annotator.annotations`, export in :func:`backend.dataset.write_samples`.
+The dock's parts are widgets of their own: the image box (``annotator_image``), the series row
+(``annotator_series``), the layers (``annotator_layers``), the automatic settings
+(``annotator_automatic``). This module wires them to buttons, keys and thread workers.
+Everything slow (model loading, embeddings, segmentation, export) runs in a worker thread;
+errors end up in the status line, in plain words, never in a traceback dialog.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
-    QComboBox,
     QFileDialog,
     QFormLayout,
     QGroupBox,
@@ -42,20 +43,14 @@ from backend.models import ModelError
 from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory
 from napari_raysam.annotator.devices import available_devices
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
-from napari_raysam.annotator.image_source import (
-    ImageChannels,
-    ImageError,
-    first_axis_is_channels,
-    last_axis_is_channels,
-    sam_channels_choice,
-    stack_index,
-)
+from napari_raysam.annotator.image_source import ImageChannels, ImageError
 from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
 from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets import annotator_series
 from napari_raysam.widgets.annotator_automatic import AutomaticSettings
+from napari_raysam.widgets.annotator_image import ImageChooser, compact_combo
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -64,13 +59,10 @@ from napari_raysam.widgets.annotator_layers import (
     CURRENT_LAYER,
     POINTS_LAYER,
     AnnotatorLayers,
-    split_last_axis,
 )
 
 log = logging.getLogger(__name__)
 
-_NO_CHANNEL = "—"
-_ALL_CHANNEL_LAYERS = "channel layers: "  # prefix of the entry that combines same-shaped layers
 _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long
 
 # The user's expected errors: shown as they are. Anything else is a bug: logged with its traceback.
@@ -87,14 +79,6 @@ SHORTCUTS = {
 }
 
 
-def _combo(tip: str) -> QComboBox:
-    """A combo box that does not widen the dock to its longest entry (layer names, paths can be long)."""
-    combo = QComboBox(toolTip=tip)
-    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-    combo.setMinimumContentsLength(6)
-    return combo
-
-
 class _Progress(QObject):
     """Carries ``(done, total)`` to the progress bar and status lines to the dock, from a worker
     thread (queued across threads)."""
@@ -104,13 +88,6 @@ class _Progress(QObject):
 
 
 _ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakValueDictionary()
-
-
-def _entry_layer_names(entry: str) -> list[str]:
-    """The layers an entry of the image list names: one, or all of a combined "channel layers: a + b" entry."""
-    if entry.startswith(_ALL_CHANNEL_LAYERS):
-        return entry[len(_ALL_CHANNEL_LAYERS):].split(" + ")
-    return [entry]
 
 
 def _proposal_message(labels: np.ndarray) -> str:
@@ -193,7 +170,7 @@ class AnnotatorWidget(QWidget):
         self._autosave()
         if self._channels is not None:
             try:
-                sam_channels = self._sam_channels()
+                sam_channels = self.image.sam_channels()
             except ImageError:
                 sam_channels = self._images[self._annotated_key].sam_channels
             self._images[self._annotated_key] = AnnotatedImage(self._channels, self._image_layer.name, sam_channels)
@@ -208,36 +185,17 @@ class AnnotatorWidget(QWidget):
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
 
-        image_box = QGroupBox("Image")
-        image_form = QFormLayout(image_box)
-        self.image_combo = _combo("The image layer to annotate")
-        self.image_combo.currentIndexChanged.connect(lambda _index: (self._on_image_choice(), self._place_layers()))
-        image_form.addRow("Layer", self.image_combo)
-        self.layout_combo = _combo("Whether the layer's first axis holds channels or slices")
-        self.layout_combo.addItems(["slices (annotate one by one)", "channels"])
-        self.layout_combo.currentIndexChanged.connect(lambda _index: self._refresh_channels())
-        self.split_button = QPushButton("Split channels", visible=False, toolTip=(
-            "This layer looks like (H, W, C) with its channels last, which napari shows as a stack of thin "
-            "slices: replace it by one layer per channel, as napari's Split Stack does, and annotate them as one image"
-        ))
-        self.split_button.clicked.connect(self.split_channels)
-        layout_row = QHBoxLayout()
-        layout_row.addWidget(self.layout_combo, stretch=1)
-        layout_row.addWidget(self.split_button)
-        image_form.addRow("First axis", layout_row)
-        self.channel_combos = [_combo("") for _ in "RGB"]
-        channel_row = QHBoxLayout()
-        for colour, combo in zip(("red", "green", "blue"), self.channel_combos):
-            combo.setToolTip(f"Channel fed to SAM's {colour} input")
-            channel_row.addWidget(combo)
-        image_form.addRow("SAM R G B", channel_row)
+        self.image = ImageChooser(self.viewer)
+        self.image.chosen.connect(self._place_layers)
+        self.image.message.connect(self._say)
         self.series = SeriesPanel(self)
-        image_form.addRow("Series", self.series)
-        layout.addWidget(image_box)
+        self.image.channels_changed.connect(self.series.refresh)
+        self.image.add_row("Series", self.series)
+        layout.addWidget(self.image)
 
         model_box = QGroupBox("Model")
         model_form = QFormLayout(model_box)
-        self.model_combo = _combo("A micro-sam model name, a model file or folder, or a fine-tuning run folder")
+        self.model_combo = compact_combo("A micro-sam model name, a model file or folder, or a fine-tuning run folder")
         self.model_combo.setEditable(True)
         self.model_combo.addItems(model_choices())
         browse_file = QPushButton("File…", toolTip="Choose a checkpoint file (.pt, .pth, .safetensors)")
@@ -249,7 +207,7 @@ class AnnotatorWidget(QWidget):
         model_row.addWidget(browse_file)
         model_row.addWidget(browse_folder)
         model_form.addRow("Model", model_row)
-        self.device_combo = _combo("Where SAM runs: a GPU is many times faster than the CPU. Changing it reloads the model")
+        self.device_combo = compact_combo("Where SAM runs: a GPU is many times faster than the CPU. Changing it reloads the model")
         self.device_combo.addItems(available_devices())
         self.session.device = self.device_combo.currentText()  # the fastest there is
         self.device_combo.currentTextChanged.connect(self._on_device_choice)
@@ -306,7 +264,7 @@ class AnnotatorWidget(QWidget):
         dataset_row.addWidget(self.dataset_edit, stretch=1)
         dataset_row.addWidget(browse_dataset)
         export_form.addRow("Dataset", dataset_row)
-        self.split_combo = _combo("Train images teach the model; val images measure it")
+        self.split_combo = compact_combo("Train images teach the model; val images measure it")
         self.split_combo.addItems(["train", "val"])
         export_form.addRow("Split", self.split_combo)
         self.export_button = QPushButton("Export", toolTip="Append the image and its committed objects to the dataset")
@@ -348,7 +306,7 @@ class AnnotatorWidget(QWidget):
         ready = not busy and self.session.image_shape is not None
         self.load_model_button.setEnabled(not busy)
         self.device_combo.setEnabled(not busy and self.device_combo.count() > 1)
-        self.embed_button.setEnabled(not busy and self.image_combo.count() > 0)
+        self.embed_button.setEnabled(not busy and self.image.has_choices())
         for button in (self.segment_button, self.commit_button, self.automatic_button):
             button.setEnabled(ready)
         self.commit_automatic_button.setEnabled(not busy and self._has_automatic)
@@ -372,132 +330,20 @@ class AnnotatorWidget(QWidget):
         self._refresh_image_choices()
         if image is None:
             return
-        if "hpa_fields" in image.metadata and self._channels is None:
-            # an HPA field from our reader: its four stain layers are one image
-            for index in range(self.image_combo.count()):
-                entry = self.image_combo.itemText(index)
-                if entry.startswith(_ALL_CHANNEL_LAYERS) and image.name in _entry_layer_names(entry):
-                    self.image_combo.setCurrentIndex(index)
-                    break
+        if "hpa_fields" in image.metadata and self._channels is None:  # an HPA field from our reader
+            self.image.choose_field_of(image)
         self._place_layers()
 
     def _refresh_image_choices(self, event=None) -> None:
         if self._image_layer is not None and self._image_layer not in self.viewer.layers:
             self._forget_image()
-        current = self.image_combo.currentText()
-        images = [layer for layer in self.viewer.layers if isinstance(layer, Image)]
-        entries = [layer.name for layer in images]
-        by_shape: dict[tuple[int, ...], list[Image]] = {}
-        for layer in images:
-            if not layer.rgb and layer.ndim in (2, 3):  # images or stacks of slices, one channel each
-                by_shape.setdefault(tuple(layer.data.shape), []).append(layer)
-        for same_shape in by_shape.values():
-            if len(same_shape) >= 2:
-                entries.append(_ALL_CHANNEL_LAYERS + " + ".join(layer.name for layer in same_shape))
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(entries)
-        if current in entries:
-            self.image_combo.setCurrentText(current)
-        self.image_combo.blockSignals(False)
-        self._on_image_choice()
-
-    def _chosen_layers(self) -> list[Image]:
-        names = _entry_layer_names(self.image_combo.currentText())
-        return [self.viewer.layers[name] for name in names if name in self.viewer.layers]
-
-    def _channel_axis(self, layer: Image) -> int | None:
-        """0 when the user says the (non-RGB, 3D or 4D) layer's first axis holds channels."""
-        multi_axis = not layer.rgb and layer.ndim >= 3
-        return 0 if multi_axis and self.layout_combo.currentIndex() == 1 else None
-
-    def _read_channels(self) -> ImageChannels:
-        layers = self._chosen_layers()
-        if not layers:
-            raise ImageError(
-                "there is no image to annotate: open one (File > Open) or try File > Open Sample > napari-raysam"
-            )
-        if len(layers) > 1:
-            return ImageChannels.from_layers([layer.data for layer in layers], [layer.name for layer in layers])
-        layer = layers[0]
-        return ImageChannels.from_layer(layer.data, rgb=layer.rgb, channel_axis=self._channel_axis(layer), name=layer.name)
-
-    def _on_image_choice(self) -> None:
-        """A new layer was chosen: guess whether its first axis holds channels, then list its channels."""
-        layers = self._chosen_layers()
-        single = layers[0] if len(layers) == 1 else None
-        multi_axis = single is not None and not single.rgb and single.ndim >= 3
-        self.layout_combo.setEnabled(multi_axis)
-        self.layout_combo.blockSignals(True)
-        self.layout_combo.setCurrentIndex(1 if single is not None and first_axis_is_channels(single.data.shape, single.rgb) else 0)
-        self.layout_combo.blockSignals(False)
-        channel_last = single is not None and last_axis_is_channels(single.data.shape, single.rgb)
-        self.split_button.setVisible(channel_last)
-        self._refresh_channels()
-        if channel_last:
-            self._say(
-                f"layer '{single.name}' looks like (H, W, C) = {single.data.shape} with its channels last, which napari "
-                f"shows as {single.data.shape[0]} thin slices: press Split channels to annotate it as one image"
-            )
-
-    def split_channels(self) -> None:
-        """Split the chosen channel-last layer into one layer per channel, and choose them as the image."""
-        layers = self._chosen_layers()
-        if len(layers) != 1:
-            return
-        names = [layer.name for layer in split_last_axis(self.viewer, layers[0])]
-        self.image_combo.setCurrentText(_ALL_CHANNEL_LAYERS + " + ".join(names))
+        self.image.refresh()
 
     def _place_layers(self) -> None:
         """Align our layers with the chosen image, so that prompts can be placed on it at once."""
-        chosen = self._chosen_layers()
+        chosen = self.image.chosen_layers()
         if self._channels is None and chosen:  # else an image is being annotated: the layers follow it
             self.layers.place(chosen[0])
-
-    def _refresh_channels(self) -> None:
-        """List the chosen image's channels in the SAM channel choosers (none if it is unusable)."""
-        try:
-            channels = self._read_channels()
-        except ImageError as error:
-            if self._chosen_layers():
-                self._say(str(error))
-            self._fill_channel_combos([], ())
-        else:
-            self._fill_channel_combos(list(channels.names), channels.default_sam_channels())
-        self.series.refresh()
-
-    def _fill_channel_combos(self, names: list[str], default: tuple[int, ...]) -> None:
-        for position, combo in enumerate(self.channel_combos):
-            combo.blockSignals(True)
-            combo.clear()
-            combo.addItems(names if position == 0 else [_NO_CHANNEL, *names])
-            if position < len(default):
-                combo.setCurrentIndex(default[position] + (0 if position == 0 else 1))
-            combo.setEnabled(len(names) > 1)
-            combo.blockSignals(False)
-
-    def _sam_channels(self) -> tuple[int, ...]:
-        green, blue = (combo.currentIndex() - 1 for combo in self.channel_combos[1:])  # 0 is "—"
-        return sam_channels_choice(
-            self.channel_combos[0].currentIndex(), green if green >= 0 else None, blue if blue >= 0 else None
-        )
-
-    def _stack_index(self, channels: ImageChannels, layer: Image) -> tuple[int, ...]:
-        """The slice of ``channels`` the viewer shows (``()`` for a 2D image)."""
-        return stack_index(channels, layer.world_to_data(self.viewer.dims.point), self._channel_axis(layer))
-
-    def _shown_plane(self) -> tuple[ImageChannels, Image, tuple[int, ...]]:
-        """The chosen image, its first layer (whose placement the annotation follows) and the slice in view.
-
-        Raises:
-            ImageError: no image is chosen, or it cannot be annotated.
-        """
-        channels = self._read_channels()
-        layer = self._chosen_layers()[0]
-        return channels, layer, self._stack_index(channels, layer)
-
-    def _chooser_key(self) -> str:
-        return f"{self.image_combo.currentText()}|{self.layout_combo.currentIndex()}"
 
     # ------------------------------------------------------------------ model
     def _browse_model(self, folder: bool) -> None:
@@ -562,8 +408,8 @@ class AnnotatorWidget(QWidget):
             self._say("choose a model and press Load model first")
             return
         try:
-            channels, layer, index = self._shown_plane()
-            sam_channels = self._sam_channels()
+            channels, layer, index = self.image.shown_plane()
+            sam_channels = self.image.sam_channels()
         except ImageError as error:
             self._say(str(error))
             return
@@ -589,8 +435,8 @@ class AnnotatorWidget(QWidget):
         holding ``objects`` objects."""
         self._autosave()
         self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
-        self._annotated_key = self._chooser_key()
-        self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self._sam_channels())
+        self._annotated_key = self.image.key()
+        self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self.image.sam_channels())
         self.history.clear()
         height, width = channels.shape
         committed = saved if saved is not None else np.zeros((height, width), np.uint32)
@@ -634,7 +480,7 @@ class AnnotatorWidget(QWidget):
         self.series.refresh()
         if self._channels is None or not self._channels.stack_shape or self._image_layer is None:
             return
-        if self._stack_index(self._channels, self._image_layer) != self._plane_index and self._worker is None:
+        if self.image.stack_index(self._channels, self._image_layer) != self._plane_index and self._worker is None:
             self.compute_embeddings()
 
     # ------------------------------------------------------------------ layers
@@ -795,7 +641,7 @@ class AnnotatorWidget(QWidget):
             self._say("nothing to export yet: compute embeddings and commit objects first")
             return
         try:
-            self._sam_channels()
+            self.image.sam_channels()
         except ImageError as error:
             self._say(str(error))
             return

@@ -141,12 +141,12 @@ class SeriesPanel(QWidget):
         """What makes the chosen image this one: its chooser entry and first-axis reading, and its
         layers' data (a layer given new data is another image)."""
         annotator = self._annotator
-        return (annotator._chooser_key(), *(id(layer.data) for layer in annotator._chosen_layers()))
+        return (annotator.image.key(), *(id(layer.data) for layer in annotator.image.chosen_layers()))
 
     def _shown(self):
         """``(channels, layer, index)`` of the chosen image's plane in view, or None without a usable image."""
         try:
-            return self._annotator._shown_plane()
+            return self._annotator.image.shown_plane()
         except ImageError:
             return None
 
@@ -185,7 +185,7 @@ class SeriesPanel(QWidget):
     def _ranking_key(self) -> tuple | None:
         """What the uncertainties depend on besides the planes: the model and the SAM channels."""
         model = self._annotator.session.model
-        return None if model is None else (model.fingerprint, self._annotator._sam_channels())
+        return None if model is None else (model.fingerprint, self._annotator.image.sam_channels())
 
     def _unranked(self) -> list[int]:
         """The planes not annotated whose uncertainty is still to be scored, in series order."""
@@ -234,7 +234,7 @@ class SeriesPanel(QWidget):
         target = step_index(index, self._length, self._direction) or step_index(index, self._length, -self._direction)
         if target is not None and target != self._ahead:
             self._ahead = target
-            session, sam_channels = annotator.session, annotator._sam_channels()
+            session, sam_channels = annotator.session, annotator.image.sam_channels()
 
             def make_ready() -> PreparedPlane:
                 prepared = prepare_plane(channels, target, sam_channels, layer.name)
@@ -250,7 +250,7 @@ class SeriesPanel(QWidget):
 
     def _rank_one(self, channels, name: str) -> None:
         """Score the model's uncertainty about the next plane still to rank, if any (for the current model)."""
-        session, sam_channels, key = self._annotator.session, self._annotator._sam_channels(), self._ranking_key()
+        session, sam_channels, key = self._annotator.session, self._annotator.image.sam_channels(), self._ranking_key()
         if key != self._ranked_for:  # another model or other channels: the ranking starts over
             self._ranked_for, self._uncertainty = key, {}
         unranked = self._unranked()
