@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from backend.storage import Location, location
+
 MODES = ("decoder", "full", "lora")
 """decoder: image encoder frozen, embeddings computed once; full: every weight trains;
 lora: low-rank adapters in the image encoder's attention (micro-sam's PEFT), decoder trains."""
@@ -37,14 +39,15 @@ class ConfigError(ValueError):
 class TrainConfig:
     """Everything a training run needs, validated when created.
 
-    Paths (``data``, ``storage``) must be reachable from wherever the run executes: for
-    the embedded local Ray that is this computer; for a cluster, shared storage.
+    ``data`` and ``storage`` are local paths or object-store URIs (``s3://bucket/prefix``), reachable
+    from wherever the run executes: for the embedded local Ray that is this computer; for a cluster,
+    a shared filesystem or an object store (the run client uploads a local dataset there).
     """
 
     data: str
-    """Dataset (contract 1), a ``.zarr`` folder."""
+    """Dataset (contract 1), a ``.zarr`` folder or its upload in an object store (``backend.storage``)."""
     storage: str
-    """Folder that receives the run directory ``<storage>/<run_name>/`` (contract 2)."""
+    """Folder or object-store URI that receives the run directory ``<storage>/<run_name>/`` (contract 2)."""
     model: str = "vit_b_lm"
     """Starting weights: a micro-sam zoo name, a checkpoint path or ``random:<type>``."""
     mode: str = "decoder"
@@ -160,8 +163,9 @@ class TrainConfig:
         return 1e-4 if self.mode == "decoder" else 1e-5
 
     @property
-    def run_dir(self) -> Path:
-        return Path(self.storage) / self.run_name
+    def run_dir(self) -> Location:
+        """``<storage>/<run_name>``: a ``Path``, or a ``UPath`` when the storage is an object-store URI."""
+        return location(self.storage) / self.run_name
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

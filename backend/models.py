@@ -5,7 +5,8 @@ Model sources (``load_model``):
 - ``random:<model_type>``: random weights, built in memory (tests, demos, machines without weights);
 - a micro-sam zoo name (``vit_b_lm``, ``vit_t``, ...): read from micro-sam's cache, downloaded there
   first when online;
-- a model folder (DESIGN.md Contract 3: ``model.safetensors`` + ``meta.json``);
+- a model folder (DESIGN.md Contract 3: ``model.safetensors`` + ``meta.json``), or its URI in an object
+  store (``s3://bucket/runs/<run>/model``, or the run folder), downloaded once into the local cache;
 - a checkpoint file: ``.safetensors``, a micro-sam ``.pt`` or an original SAM ``.pth``.
 
 micro-sam ``.pt`` files and zoo models may also carry micro-sam's instance segmentation decoder
@@ -38,6 +39,9 @@ from micro_sam.models.peft_sam import AdaptFormer, AttentionLoRA, FacTSurgery, M
 from segment_anything import SamPredictor, sam_model_registry
 
 from backend.atomic import staging_file, staging_folder
+from backend.storage import (
+    Location, StorageError, cached_copy, file_sha256, is_uri, location, unreachable_storage,
+)
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 MODEL_TYPES: tuple[str, ...] = ("vit_t", "vit_b", "vit_l", "vit_h", "tiny")
@@ -205,6 +209,9 @@ def check_source(source: str, *, offline: bool = False) -> None:
                 f"unknown model type in '{source}'; use one of " + ", ".join(RANDOM_PREFIX + t for t in MODEL_TYPES)
             )
         return
+    if is_uri(source):
+        _remote_model_folder(source)
+        return
     path = Path(source).expanduser()
     if path.exists():
         return
@@ -228,7 +235,7 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict, dict[str, torch.Tensor
         return build_sam(model_type), model_type, {}, None
 
     # Paths before zoo names: telling zoo names apart needs micro_sam.util, which imports napari.
-    path = Path(source).expanduser()
+    path = local_model_copy(source) if is_uri(source) else Path(source).expanduser()
     if path.is_dir():
         state, meta = _read_model_folder(path)
         return _sam_from_state(state, meta["model_type"], f"model folder {path}"), meta["model_type"], meta, None
@@ -266,9 +273,34 @@ def _resolve_source(source: str) -> tuple[Sam, str, dict, dict[str, torch.Tensor
     return _sam_from_state(state, model_type, f"micro-sam model '{source}' ({path})"), model_type, {}, decoder_state
 
 
+def _remote_model_folder(uri: str) -> tuple[Location, dict]:
+    """``(location, meta)`` of the model folder at ``uri`` in an object store (a run folder gives its ``model/``)."""
+    try:
+        folder = location(uri)
+        if not (folder / META_FILE).exists() and (folder / "model" / META_FILE).exists():
+            folder = folder / "model"
+        return folder, json.loads((folder / META_FILE).read_text())
+    except FileNotFoundError:
+        raise ModelError(f"no model folder at {uri}: it needs {META_FILE} and {WEIGHTS_FILE}. {_VALID_SOURCES}") from None
+    except Exception as error:  # botocore's connection and credential errors are not OSErrors
+        raise ModelError(unreachable_storage(uri, error)) from error
+
+
+def local_model_copy(uri: str) -> Path:
+    """The model folder at ``uri`` (object store) on this machine: downloaded once into the cache, by its sha256.
+
+    The copy's weights are checked against ``meta.json`` when it is loaded, as any model folder's.
+    """
+    folder, meta = _remote_model_folder(uri)
+    try:
+        return cached_copy(folder, "models", str(meta.get("sha256", "unknown"))[:32])
+    except (OSError, StorageError) as error:
+        raise ModelError(f"cannot download the model at {uri}: {error}") from error
+
+
 _VALID_SOURCES = (
     "A model source is a micro-sam model name (e.g. vit_b_lm), a model folder (meta.json + "
-    "model.safetensors), a .safetensors / micro-sam .pt / SAM .pth file, or random:<type> with <type> "
+    "model.safetensors, on this disk or at an s3:// / gs:// URI), a .safetensors / micro-sam .pt / SAM .pth file, or random:<type> with <type> "
     f"one of {', '.join(MODEL_TYPES)}."
 )
 
@@ -330,7 +362,7 @@ def _read_model_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict]:
         )
     if meta.get("model_type") not in MODEL_TYPES:
         raise ModelError(f"{meta_path} names model type '{meta.get('model_type')}'; expected one of {MODEL_TYPES}.")
-    if _file_sha256(weights_path) != meta.get("sha256"):
+    if file_sha256(weights_path) != meta.get("sha256"):
         raise ModelError(
             f"{weights_path} does not match the sha256 recorded in {meta_path}: the file is corrupt or was "
             "modified. Copy the model folder again from the run directory."
@@ -615,7 +647,7 @@ def save_model_folder(
             "dataset_fingerprint": dataset_fingerprint,
             "metrics": metrics,
             "config": config,
-            "sha256": _file_sha256(weights_path),
+            "sha256": file_sha256(weights_path),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         (staging / META_FILE).write_text(json.dumps(meta, indent=2))
@@ -638,11 +670,3 @@ def export_micro_sam_checkpoint(model_folder: str | os.PathLike[str], output: st
     with staging_file(output) as staging:
         torch.save({"model_state": state}, staging)
     return output
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -25,17 +25,18 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from backend.config import TrainConfig
 from backend.run_directory import RunDirectory
+from backend.storage import Location, ray_storage
 
 _STATE_FILE = "state.pt"
 
 
 def train_loop_per_worker(config_values: dict) -> None:
-    """One Ray Train worker: resume if a checkpoint exists, train the remaining epochs, export."""
+    """One Ray Train worker: resume from the newest stored checkpoint, train the remaining epochs, export."""
     # Imported here, in the worker: the driver and Ray Train's controller only pass this function
     # around, and the trainer's imports (PyTorch, segment-anything) cost each process seconds.
     import ray.train.torch
 
-    from backend.training import SamFineTuner, load_state, save_state
+    from backend.training import SamFineTuner, save_state
 
     config = TrainConfig.from_dict(config_values)
     context = ray.train.get_context()
@@ -49,14 +50,13 @@ def train_loop_per_worker(config_values: dict) -> None:
         progress=run.write_progress,
     )
     run.clock = tuner.elapsed
-    start = 0
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            start = tuner.load_state(load_state(Path(folder) / _STATE_FILE))
-        print(f"rank {rank}: resuming after epoch {start - 1} from {checkpoint.path}", flush=True)
-    if rank == 0:
-        run.keep_metrics_before(start)
+    start, checkpointed = 0, None
+    latest = _latest_stored_state(run)
+    if latest is not None:
+        where, state = latest
+        start, checkpointed = tuner.load_state(state), state.get("metrics")
+        print(f"rank {rank}: resuming after epoch {start - 1} from {where}", flush=True)
+    metrics = run.restore_metrics(checkpointed, start) if rank == 0 else []
     if start == 0:
         baseline = tuner.validate()  # every rank: validation sums over ranks
         if rank == 0:
@@ -66,8 +66,9 @@ def train_loop_per_worker(config_values: dict) -> None:
         if rank != 0:
             ray.train.report(record.to_dict())
         else:
-            with tempfile.TemporaryDirectory() as folder:
-                save_state(tuner.state(epoch), Path(folder) / _STATE_FILE)
+            metrics.append(record.to_dict())
+            with tempfile.TemporaryDirectory() as folder:  # the epoch lines travel with the checkpoint
+                save_state({**tuner.state(epoch), "metrics": metrics}, Path(folder) / _STATE_FILE)
                 ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
             run.append_metrics(record)  # after the checkpoint is stored: a metrics line means the epoch is safe
         if tuner.out_of_time():  # rank 0's answer, broadcast: every rank leaves after the same epoch
@@ -76,8 +77,28 @@ def train_loop_per_worker(config_values: dict) -> None:
         run.export_model(tuner)
 
 
-def run(config: TrainConfig) -> Path:
+def _latest_stored_state(run: RunDirectory) -> tuple[Location, dict] | None:
+    """The newest epoch state stored in the run's checkpoint folders, or None for a run that has none.
+
+    Not ``ray.train.get_checkpoint()``: Ray Train's controller registers a checkpoint a moment after
+    the worker has stored it, so a driver killed in between leaves a stored epoch that Ray does not
+    know, and a resume would start that run over. The folders themselves are the record; they are
+    named by time (``checkpoint_<date>_<time>``), and one whose state cannot be read (cut off while
+    being stored) gives way to the one before it.
+    """
+    from backend.training import load_state  # in the worker, which has imported it anyway
+
+    for folder in sorted(run.path.glob("checkpoint_*"), key=lambda folder: folder.name, reverse=True):
+        try:
+            return folder, load_state(folder / _STATE_FILE)
+        except Exception:  # missing or torn: torch raises RuntimeError, an object store its own errors
+            continue
+    return None
+
+
+def run(config: TrainConfig) -> Location:
     """Train under Ray Train on the cluster this process is connected to; returns the model folder."""
+    storage_path, storage_filesystem = ray_storage(config.storage)  # Ray's folders land in the run dir
     run_dir = RunDirectory(config)
     run_dir.create()
     if config.workers > 1:  # gradients are averaged over a torch.distributed process group
@@ -94,7 +115,8 @@ def run(config: TrainConfig) -> Path:
         ),
         run_config=RunConfig(
             name=config.run_name,
-            storage_path=str(Path(config.storage).resolve()),  # Ray's folders land in the run dir
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
             failure_config=FailureConfig(max_failures=config.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),

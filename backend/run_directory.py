@@ -2,7 +2,8 @@
 
 The job's driver creates the folder and Ray Train's controller passes the worker function
 around; neither should pay for importing micro-sam and segment-anything (seconds each on a
-small machine), so this module needs only the standard library and the config.
+small machine), so this module needs only the standard library, the config and the storage
+layer (fsspec, light).
 
     config.json     the TrainConfig as submitted
     baseline.json   validation of the base model before any training: val_loss, val_iou
@@ -14,57 +15,86 @@ small machine), so this module needs only the standard library and the config.
 from __future__ import annotations
 
 import json
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from backend.atomic import write_text
 from backend.config import TrainConfig
+from backend.storage import Location, append_line, is_remote, make_folder, upload_folder, write_text
 
 if TYPE_CHECKING:
     from backend.training import EpochRecord, SamFineTuner
 
 
+REMOTE_PROGRESS_EVERY_S = 2.0
+"""In an object store ``progress.json`` is one PUT per write: at most one every 2 s (and each epoch's last step)."""
+
+
 class RunDirectory:
-    """Writes contract 2: ``config.json``, ``baseline.json``, ``metrics.jsonl``, ``progress.json``, ``model/``."""
+    """Writes contract 2: ``config.json``, ``baseline.json``, ``metrics.jsonl``, ``progress.json``, ``model/``.
+
+    The folder is a local path or an object-store location (``backend.storage``): every write is
+    atomic either way, and the model folder is uploaded with its ``meta.json`` last.
+    """
 
     def __init__(self, config: TrainConfig) -> None:
         self.config = config
-        self.path = config.run_dir
+        self.path: Location = config.run_dir
+        self._progress_written = 0.0
         self.clock: Callable[[], float] = lambda: 0.0
         """Seconds trained so far, for ``progress.json``; the trainer sets it to its ``elapsed``."""
 
     def create(self) -> None:
         """Make the folder and write ``config.json``; fails clearly when storage is not writable."""
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            make_folder(self.path)
             write_text(self.path / "config.json", self.config.to_json())
-        except OSError as error:
+        except Exception as error:  # OSError on a disk; botocore's own errors from an object store
             raise PermissionError(
-                f"cannot write the run directory {self.path}: {error.strerror}. "
-                "Pick a --storage folder you can write to (on a cluster: storage every node can reach)."
+                f"cannot write the run directory {self.path}: {getattr(error, 'strerror', None) or error}. "
+                "Pick a --storage folder or bucket you can write to (on a cluster: storage every node can reach)."
             ) from error
 
     def metrics(self) -> list[dict]:
-        path = self.path / "metrics.jsonl"
-        if not path.exists():
+        """The epoch lines so far; a torn last line (a worker killed while appending it) is left out."""
+        try:
+            text = (self.path / "metrics.jsonl").read_text()
+        except FileNotFoundError:
             return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        lines = []
+        for line in text.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return lines
 
-    def keep_metrics_before(self, epoch: int) -> None:
-        """After a resume, drop lines of epochs that are trained again."""
-        kept = [m for m in self.metrics() if m["epoch"] < epoch]
+    def restore_metrics(self, checkpointed: list[dict] | None, start: int) -> list[dict]:
+        """After a (re)start before epoch ``start``: make ``metrics.jsonl`` the lines of epochs ``0..start-1``.
+
+        The checkpoint's own lines (``checkpointed``) are the record: a worker killed after storing an
+        epoch's checkpoint but before appending its line would otherwise leave that epoch out. A
+        checkpoint written without them keeps the file's lines before ``start`` (and drops a torn one).
+        Returns the lines kept.
+        """
+        kept = checkpointed if checkpointed is not None else [m for m in self.metrics() if m["epoch"] < start]
         write_text(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        return list(kept)
 
     def append_metrics(self, record: EpochRecord) -> None:
-        with open(self.path / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record.to_dict()) + "\n")
+        append_line(self.path / "metrics.jsonl", json.dumps(record.to_dict()))
 
     def write_baseline(self, val_loss: float, val_iou: float) -> None:
         """The base model's validation before training: the "before" of the run's before/after."""
         write_text(self.path / "baseline.json", json.dumps({"val_loss": val_loss, "val_iou": val_iou}))
 
     def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        now = time.monotonic()
+        if is_remote(self.path) and step < steps_per_epoch and now - self._progress_written < REMOTE_PROGRESS_EVERY_S:
+            return
+        self._progress_written = now
         budget = self.config.minutes * 60 if self.config.minutes is not None else None
         progress = {
             "epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch,
@@ -72,17 +102,26 @@ class RunDirectory:
         }
         write_text(self.path / "progress.json", json.dumps(progress))
 
-    def export_model(self, tuner: SamFineTuner) -> Path:
-        from backend.models import save_model_folder  # in the worker, which has imported it anyway
+    def export_model(self, tuner: SamFineTuner) -> Location:
+        """Write the best epoch's model into ``<run>/model`` (contract 3); in an object store, meta.json last."""
+        from backend.models import META_FILE, save_model_folder  # in the worker, which has imported it anyway
 
-        metrics = self.metrics()
         best = {"best_epoch": tuner.best["epoch"], "best_val_loss": tuner.best["val_loss"]}
-        return save_model_folder(
-            tuner.best_sam(), self.path / "model",
-            model_type=tuner.loaded.model_type,
-            base_model=self.config.model,
-            mode=self.config.mode,
-            dataset_fingerprint=tuner.dataset.fingerprint(),
-            metrics={**best, "epochs": metrics},
-            config=self.config.to_dict(),
-        )
+
+        def save(folder: Path) -> Path:
+            return save_model_folder(
+                tuner.best_sam(), folder,
+                model_type=tuner.loaded.model_type,
+                base_model=self.config.model,
+                mode=self.config.mode,
+                dataset_fingerprint=tuner.dataset.fingerprint(),
+                metrics={**best, "epochs": self.metrics()},
+                config=self.config.to_dict(),
+            )
+
+        destination = self.path / "model"
+        if not is_remote(self.path):
+            return save(destination)
+        with tempfile.TemporaryDirectory() as local:  # written here whole, then uploaded
+            upload_folder(save(Path(local) / "model"), destination, last=META_FILE)
+        return destination

@@ -17,12 +17,12 @@ DDP's reducer does not support.
 
 from __future__ import annotations
 
+import io
 import math
 import random
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
@@ -34,10 +34,10 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 from backend.config import TrainConfig
 from backend import fast_recipe
 from backend.dataset import Dataset, TrainingCrops, open_dataset
-from backend.atomic import staging_file
 from backend.embedding_cache import EmbeddingCache
 from backend.models import LoadedModel, load_model, set_predictor_image
 from backend.run_directory import RunDirectory
+from backend.storage import Location, local_dataset, write_bytes
 
 if TYPE_CHECKING:
     from micro_sam.training.sam_trainer import SamTrainer
@@ -123,7 +123,7 @@ class SamFineTuner:
         self.device = device or resolve_device(config)
         self.rank, self.world_size = rank, world_size
         self.progress = progress
-        self.dataset: Dataset = open_dataset(config.data)
+        self.dataset: Dataset = open_dataset(local_dataset(config.data))  # an upload: downloaded once per machine
         self.train_ids = self.dataset.require_objects("train")
         self.val_ids = self.dataset.require_objects("val")
         self.loaded: LoadedModel = load_model(config.model, device=self.device)
@@ -463,14 +463,16 @@ class SamFineTuner:
         return self.sam
 
 
-def save_state(state: dict, path: Path) -> None:
-    """Write a resume state atomically."""
-    with staging_file(path) as staging:
-        torch.save(state, staging)
+def save_state(state: dict, path: Location) -> None:
+    """Write a resume state atomically (a local path or an object-store location)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
 
 
-def load_state(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_state(path: Location) -> dict:
+    with path.open("rb") as file:
+        return torch.load(io.BytesIO(file.read()), map_location="cpu", weights_only=True)
 
 
 def train(
@@ -478,7 +480,7 @@ def train(
     *,
     resume: bool = True,
     on_epoch: Callable[[EpochRecord], None] | None = None,
-) -> Path:
+) -> Location:
     """Fine-tune in this process, without Ray, and return the exported model folder.
 
     Writes the run directory like a Ray run; the per-epoch resume state goes to
@@ -491,13 +493,15 @@ def train(
     tuner = SamFineTuner(config, progress=run.write_progress)
     run.clock = tuner.elapsed
     state_path = run.path / "resume_state.pt"
-    start = tuner.load_state(load_state(state_path)) if resume and state_path.exists() else 0
-    run.keep_metrics_before(start)
+    state = load_state(state_path) if resume and state_path.exists() else None
+    start = tuner.load_state(state) if state is not None else 0
+    metrics = run.restore_metrics(state.get("metrics") if state is not None else None, start)
     if start == 0:
         run.write_baseline(*tuner.validate())
     for epoch in range(start, config.epochs):
         record = tuner.run_epoch(epoch)
-        save_state(tuner.state(epoch), state_path)
+        metrics.append(record.to_dict())
+        save_state({**tuner.state(epoch), "metrics": metrics}, state_path)  # the epoch lines travel with it
         run.append_metrics(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -28,14 +28,14 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # every Ray port on 127.0
 
 def start_separate_cluster(home: Path):
     """A Ray head started with `ray start --head` on 127.0.0.1 with token auth (what an admin would run)."""
-    from napari_raysam.cluster import Cluster, _free_port, _ray_executable, local_environment
+    from napari_raysam.cluster import Cluster, _free_port, local_environment, ray_executable
 
     token_path = home / "separate_token"
     token_path.write_text(secrets.token_hex(32))
     port, dashboard = _free_port(), _free_port()
     temp_dir = tempfile.mkdtemp(prefix="nrs-sep-", dir="/tmp")
     subprocess.run([
-        _ray_executable(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+        ray_executable(), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp_dir}",
         f"--ray-client-server-port={_free_port()}", f"--dashboard-agent-listen-port={_free_port()}",
         "--disable-usage-stats",

@@ -2,7 +2,7 @@
 
     napari-raysam export IMAGE... --labels LABEL... -o data.zarr
     napari-raysam train --data data.zarr --storage runs/ [--address http://head:8265]
-    napari-raysam runs list | follow RUN | stop RUN | fetch RUN -o DIR   [--address ...]
+    napari-raysam runs list | follow RUN | stop RUN | resume RUN | fetch RUN -o DIR [--storage S]   [--address ...]
     napari-raysam evaluate --model runs/<run>/model --data data.zarr
     napari-raysam export-model runs/<run>/model -o model.pt
     napari-raysam cluster start|status|stop
@@ -20,10 +20,13 @@ from pathlib import Path
 from backend.config import MODES, RECIPES, ConfigError, TrainConfig
 from backend.dataset import DatasetError
 from backend.models import ModelError
+from backend.storage import StorageError, is_uri, location
 from napari_raysam.cluster import Cluster, ClusterError, default_cpus_per_worker
 from napari_raysam.runs import RunClient, RunError, RunUpdate, fetch_model
 
-USER_ERRORS = (ConfigError, DatasetError, ModelError, ClusterError, RunError, PermissionError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError, DatasetError, ModelError, ClusterError, RunError, StorageError, PermissionError, FileNotFoundError,
+)
 EPOCH_CAP = 1000
 """--epochs when only --minutes is given: time, not epochs, ends the run."""
 
@@ -64,9 +67,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--split", choices=("train", "val"), help="put every image in this split")
     export.add_argument("--val-fraction", type=float, default=0.2, help="fraction of images for validation")
 
+    upload = commands.add_parser(
+        "upload", help="copy a dataset into a storage (once, by content) and print its URI there, for --data"
+    )
+    upload.add_argument("data", type=Path, help="dataset folder (.zarr)")
+    upload.add_argument("--storage", required=True, help="folder or object-store URI (s3://bucket/runs)")
+
     train = commands.add_parser("train", help="fine-tune SAM on a dataset as a Ray job")
-    train.add_argument("--data", type=Path, required=True, help="dataset folder (.zarr)")
-    train.add_argument("--storage", required=True, help="folder for run directories (shared storage on a cluster)")
+    train.add_argument("--data", required=True, help="dataset folder (.zarr), or one uploaded to an object store")
+    train.add_argument(
+        "--storage", required=True,
+        help="folder or object-store URI for run directories (s3://bucket/runs; on a cluster: storage every node "
+        "reaches); a local --data is uploaded there when the cluster could not read it",
+    )
     _add_cluster_args(train)
     train.add_argument("--workers", type=int, default=1, help="Ray Train workers (data parallel)")
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
@@ -102,16 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
         "(without it, a run name that is taken is refused)",
     )
 
-    runs = commands.add_parser("runs", help="training runs on the cluster: list, follow, stop, fetch")
+    runs = commands.add_parser("runs", help="training runs on the cluster: list, follow, stop, resume, fetch")
     run_commands = runs.add_subparsers(dest="runs_command", required=True)
     _add_cluster_args(run_commands.add_parser("list", help="this project's runs on the cluster, newest first"))
     for verb, text in (("follow", "show a run's progress until it ends"), ("stop", "stop a run")):
         command = run_commands.add_parser(verb, help=text)
         command.add_argument("run_name")
         _add_cluster_args(command)
+    resume = run_commands.add_parser(
+        "resume", help="continue an ended run from its latest epoch checkpoint (e.g. after its driver was killed)"
+    )
+    resume.add_argument("run_name")
+    resume.add_argument("--epochs", type=int, help="train to this many epochs in all (default: the run's own)")
+    resume.add_argument("--detach", action="store_true", help="submit and return; follow later with `runs follow`")
+    _add_cluster_args(resume)
     fetch = run_commands.add_parser("fetch", help="copy a finished run's model folder")
     fetch.add_argument("run_name")
     fetch.add_argument("-o", "--output", type=Path, required=True, help="folder to write the model folder to")
+    fetch.add_argument(
+        "--storage", help="read the run from <storage>/RUN directly (a folder or s3:// URI), without asking the cluster"
+    )
     _add_cluster_args(fetch)
 
     evaluate = commands.add_parser("evaluate", help="score a model on a dataset split (JSON)")
@@ -166,8 +189,8 @@ def print_update(log=print, job_log=None):
 
 def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(
-        data=str(args.data.resolve()),
-        storage=str(Path(args.storage).resolve()),
+        data=str(location(args.data)),
+        storage=str(location(args.storage)),
         model=args.model,
         mode=args.mode,
         recipe=args.recipe,
@@ -184,8 +207,11 @@ def _train(args: argparse.Namespace) -> int:
     )
     from backend.dataset import open_dataset
 
-    dataset = open_dataset(config.data)
-    dataset.require_objects("train")  # fail here, not minutes later in the job
+    images = None
+    if not is_uri(config.data):
+        dataset = open_dataset(config.data)
+        dataset.require_objects("train")  # fail here, not minutes later in the job
+        images = len(dataset.sample_ids())
     if args.no_ray:
         from backend.training import train
 
@@ -197,7 +223,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"model: {model}")
         return 0
     client = RunClient(resolve_cluster(args.address, args.token, num_gpus=None))
-    run = client.submit(config, images=len(dataset.sample_ids()), resume=args.resume)
+    run = client.submit(config, images=images, resume=args.resume)
     print(f"submitted run {run.name}; run directory {run.run_dir}", flush=True)
     if args.detach:
         return 0
@@ -229,6 +255,12 @@ def _run(args: argparse.Namespace) -> int:
         )
         print(f"added {len(ids)} images to {args.output}")
         return 0
+    if args.command == "upload":
+        from backend.dataset import open_dataset
+        from backend.storage import upload_dataset
+
+        print(upload_dataset(args.data, open_dataset(args.data).fingerprint(), str(location(args.storage))))
+        return 0
     if args.command == "train":
         return _train(args)
     if args.command == "runs":
@@ -258,6 +290,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _runs(args: argparse.Namespace) -> int:
+    if args.runs_command == "fetch" and args.storage:  # the storage alone: the cluster may be gone
+        print(f"wrote {fetch_model(location(args.storage) / args.run_name, args.output)}")
+        return 0
     client = RunClient(resolve_cluster(args.address, args.token))
     if args.runs_command == "list":
         runs = client.runs()
@@ -269,6 +304,11 @@ def _runs(args: argparse.Namespace) -> int:
             print(f"{run.name}\t{run.state.value}\t{started}\t{run.mode}\t{run.base_model}\t{images}\t{run.run_dir}")
     elif args.runs_command == "follow":
         print(f"model: {client.wait(args.run_name, on_update=print_update(job_log=sys.stderr.write))}")
+    elif args.runs_command == "resume":
+        run = client.resume(args.run_name, epochs=args.epochs)
+        print(f"resumed run {run.name} as job {run.job_id}", flush=True)
+        if not args.detach:
+            print(f"model: {client.wait(run.name, on_update=print_update(job_log=sys.stderr.write))}")
     elif args.runs_command == "stop":
         print("stopped" if client.stop(args.run_name) else f"run {args.run_name} had already ended")
     else:

@@ -135,7 +135,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _ray_executable() -> str:
+def ray_executable() -> str:
+    """The ``ray`` command of this interpreter's environment (for ``ray start``, e.g. a node joining the cluster)."""
     candidate = Path(sys.executable).parent / "ray"
     found = str(candidate) if candidate.exists() else shutil.which("ray")
     if not found:
@@ -189,7 +190,7 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
     temp_dir = tempfile.mkdtemp(prefix="nrs-", dir="/tmp")
     dashboard_port, gcs_port = _free_port(), _free_port()
     command = [
-        _ray_executable(), "start", "--head",
+        ray_executable(), "start", "--head",
         "--node-ip-address=127.0.0.1",
         f"--port={gcs_port}",
         "--include-dashboard=true",

@@ -17,6 +17,7 @@ from pathlib import Path
 from backend.atomic import write_text
 from backend.config import MODES, TrainConfig
 from backend.models import check_source
+from backend.storage import Location, location, make_folder, unreachable_storage
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, ExportResult, export_annotations
 from napari_raysam.cluster import Cluster, connect, default_cpus_per_worker, start_local_cluster, state_dir
@@ -66,8 +67,9 @@ class FinetuneSettings:
             raise FinetuneError("minutes, learning rate and objects per batch are 0 (default) or more")
 
     @property
-    def storage_path(self) -> Path:
-        return Path(self.storage).expanduser() if self.storage else state_dir() / "runs"
+    def storage_path(self) -> Location:
+        """The storage folder, or its object-store location for a URI (``s3://bucket/runs``)."""
+        return location(self.storage.strip()) if self.storage.strip() else state_dir() / "runs"
 
     @property
     def dataset_path(self) -> Path:
@@ -165,14 +167,17 @@ def submit_finetune(
     return Submission(client, run, export, seconds)
 
 
-def _check_writable(storage: Path) -> None:
+def _check_writable(storage: Location) -> None:
     try:
-        storage.mkdir(parents=True, exist_ok=True)
+        make_folder(storage)
         probe = storage / f".write-test-{time.time_ns()}"
         probe.write_text("")
         probe.unlink()
     except OSError as error:
         raise PermissionError(
-            f"cannot write to the storage folder {storage} ({error.strerror}): choose a folder you can write to"
+            f"cannot write to the storage folder {storage} ({error.strerror or error}): choose a folder you can "
+            "write to"
         ) from error
+    except Exception as error:  # an object store: botocore's connection and credential errors
+        raise PermissionError(unreachable_storage(str(storage), error)) from error
 

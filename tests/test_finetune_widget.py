@@ -112,16 +112,25 @@ def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(dock
     assert wait_until_ended(qtbot, dock) in (RunState.STOPPED, RunState.SUCCEEDED)
 
 
-def test_cancel_stops_the_run_and_leaves_the_annotations(docks, qtbot, tmp_path):
+def test_cancel_stops_the_run_leaves_the_annotations_and_resume_continues_it(docks, qtbot, tmp_path):
     viewer, annotator, dock = docks
     dock.form.epochs_spin.setValue(500)
     click(qtbot, dock.finetune_button)
     qtbot.waitUntil(lambda: dock.last_update is not None, timeout=120_000)
+    assert not dock.resume_button.isEnabled()  # nothing to resume while it runs
+    qtbot.waitUntil(lambda: bool(dock.last_update.metrics), timeout=RUN_TIMEOUT_MS)  # an epoch (and its checkpoint)
     click(qtbot, dock.cancel_button)
     assert wait_until_ended(qtbot, dock) == RunState.STOPPED
     assert "was stopped" in dock.status.text()
     assert annotator.model_source == "random:tiny"
     assert viewer.layers[COMMITTED_LAYER].data.max() > 0
+
+    click(qtbot, dock.resume_button)  # from its last finished epoch, under the same run name
+    name = dock.run_name
+    qtbot.waitUntil(lambda: "resuming after epoch" in dock.log_view.toPlainText(), timeout=RUN_TIMEOUT_MS)
+    assert dock.run_name == name and dock.last_update.state == RunState.RUNNING
+    click(qtbot, dock.cancel_button)
+    assert wait_until_ended(qtbot, dock) == RunState.STOPPED
 
 
 @pytest.mark.parametrize(

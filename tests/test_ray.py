@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from backend.models import load_model
 from napari_raysam import cluster as clusters
 from napari_raysam.auth import is_loopback_host
 from napari_raysam.cli import main
-from napari_raysam.runs import MetricsReader, RunClient, RunState, read_progress
+from napari_raysam.runs import MetricsReader, RunClient, RunFailed, RunState, read_progress
 
 pytestmark = pytest.mark.ray
 
@@ -59,6 +60,18 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
     # on a desktop cluster Ray Train starts no preemption watcher (one process fewer before the first step)
     started = _actors_started(ray_cluster, since=submitted)
     assert "RayTrainWorker" in started and "PreemptionWatcher" not in started
+
+
+def test_two_workers_train_full_mode_on_crops_with_a_distributed_sampler(ray_cluster, cell_dataset, tmp_path):
+    config = submit(ray_cluster, cell_dataset, tmp_path, mode="full", workers=2, epochs=2, samples_per_epoch=4)
+    updates = []
+    model = RunClient(ray_cluster).wait(config.run_name, on_update=updates.append, poll_s=0.5)
+    log = "".join(update.new_log for update in updates)
+    assert "world_rank=0" in log and "world_rank=1" in log
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1]
+    progress = read_progress(config.run_dir)
+    assert progress["steps_per_epoch"] == 2  # 4 crops an epoch, shared by the DistributedSampler of 2 ranks
+    assert load_model(model).meta["mode"] == "full"
 
 
 def _actors_started(cluster, since: float) -> set[str]:
@@ -104,6 +117,35 @@ def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_
     assert epochs == list(range(6))  # nothing lost, nothing trained twice in the record
     meta = json.loads((model / "meta.json").read_text())
     assert [m["epoch"] for m in meta["metrics"]["epochs"]] == list(range(6))
+
+
+def test_a_killed_driver_fails_the_run_plainly_and_resume_continues_from_its_checkpoint(
+    ray_cluster, cell_dataset, tmp_path, capsys
+):
+    config = submit(ray_cluster, cell_dataset, tmp_path, epochs=12)
+    client = RunClient(ray_cluster)
+    metrics = MetricsReader(config.run_dir)
+    deadline = time.monotonic() + 300
+    while not metrics.read():  # a metrics line is written once its epoch's checkpoint is stored
+        assert time.monotonic() < deadline, "no epoch finished"
+        time.sleep(0.1)
+    driver = int(client._jobs.get_job_info(config.run_name).driver_info.pid)
+    os.kill(driver, signal.SIGKILL)
+
+    resume_hint = f"continue it with `napari-raysam runs resume {config.run_name}`"
+    with pytest.raises(RunFailed, match=f"(?s)failed: its training driver process was killed \\(SIGKILL\\).*{resume_hint}"):
+        client.wait(config.run_name, poll_s=0.5)
+    kept = len(MetricsReader(config.run_dir).read())
+    assert 1 <= kept < 12
+    address = ["--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]
+    assert main(["runs", "resume", config.run_name, *address]) == 0
+    out, err = capsys.readouterr()
+    assert f"resumed run {config.run_name} as job {config.run_name}-resume-" in out
+    # from the last stored checkpoint, not from the start (one stored just before the kill may be newer than
+    # the last line, and Ray may not have registered it yet: our own record of the run folder finds it)
+    assert int(re.search(r"resuming after epoch (\d+)", err).group(1)) >= kept - 1, err[-2000:]
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == list(range(12))
+    assert client.info(config.run_name).state == RunState.SUCCEEDED
 
 
 def test_a_detached_job_can_be_stopped_and_following_it_says_so(ray_cluster, cell_dataset, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -60,7 +61,8 @@ def test_the_history_lists_runs_newest_first_and_fetch_copies_a_model(tmp_path):
         (run / "metrics.jsonl").write_text(epoch_line(0, 0.9, 0.1) + epoch_line(1, 0.5, 0.4))
         os.utime(run / "config.json", (mtime, mtime))
     (tmp_path / "newer" / "model").mkdir()
-    (tmp_path / "newer" / "model" / "meta.json").write_text("{}")
+    (tmp_path / "newer" / "model" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "newer" / "model" / "meta.json").write_text(json.dumps({"sha256": hashlib.sha256(b"weights").hexdigest()}))
     (tmp_path / "not-a-run").mkdir()
 
     records = run_history(tmp_path)

@@ -10,8 +10,12 @@ only the dependencies installed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import re
 import shlex
+import signal
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from ray.job_submission import JobSubmissionClient
 
 import backend
 from backend.config import TrainConfig
+from backend.dataset import open_dataset
+from backend.storage import Location, StorageError, is_uri, location, unreachable_storage, upload_dataset
 from napari_raysam.cluster import Cluster, ClusterError
 from napari_raysam.runs.files import (
     CONFIG_FILE, MetricsReader, model_folder, model_written_ns, read_baseline, read_progress,
@@ -29,6 +35,7 @@ from napari_raysam.runs.logs import LogTail
 from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
 
 APP = "napari-raysam"
+"""The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
 # A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
 # helpers off. The preemption watcher is one more process (an interpreter importing Ray) started
 # while the training worker imports PyTorch on the same cores, and a desktop is never preempted;
@@ -38,7 +45,17 @@ LOCAL_JOB_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
 }
-"""The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
+
+
+def _local_job_env() -> dict[str, str]:
+    """The environment of a job on a cluster we started here: ``LOCAL_JOB_ENV`` and this user's storage access.
+
+    The cluster runs on this machine as this user, so its jobs get the object-store endpoint and
+    credentials (``AWS_*``) and the download cache of this process. A remote cluster has its own
+    (deploy/: a Kubernetes secret), and nothing of this machine's is sent to it.
+    """
+    forwarded = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or k == "NAPARI_RAYSAM_CACHE"}
+    return {**LOCAL_JOB_ENV, **forwarded}
 
 
 class RunError(RuntimeError):
@@ -57,7 +74,8 @@ class RunInfo:
     job_id: str
     """Ray's submission id: the run name, or ``<name>-resume-<k>`` for a resumed run."""
     state: RunState
-    run_dir: Path
+    run_dir: Location
+    """A local folder or an object-store location (``backend.storage``)."""
     base_model: str
     mode: str
     images: int | None
@@ -81,8 +99,8 @@ class RunUpdate:
     """Log text that arrived since the previous update."""
     elapsed_s: float
     """Seconds since the job started (0 while pending)."""
-    model: Path | None = None
-    """The exported model folder, once this job has written it: the worker writes it last (contract 2),
+    model: Location | None = None
+    """The exported model folder (local, or in the object store), once this job has written it: the worker writes it last (contract 2),
     so it is complete while the job is still running (Ray Train tearing down, seconds) and stays set
     when the run succeeds."""
     message: str = ""
@@ -110,13 +128,18 @@ class RunClient:
 
         A run name that is already taken (on the cluster, or by a run directory in the storage)
         is refused unless ``resume``: then the run continues from its last epoch checkpoint.
+        A local dataset is uploaded into the storage first (once, by content) when the cluster
+        could not read it: an object-store storage, or a cluster that is not this machine's.
 
         Args:
             images: how many annotated images the dataset holds, for the run history.
         """
         name = config.run_name
         existing = self._latest_jobs().get(name)
-        has_files = (config.run_dir / CONFIG_FILE).exists()
+        try:
+            has_files = (config.run_dir / CONFIG_FILE).exists()
+        except Exception as error:  # an object store: botocore's connection and credential errors
+            raise StorageError(unreachable_storage(config.storage, error)) from error
         if (existing is not None or has_files) and not resume:
             where = f"on {self.cluster.dashboard_url} ({existing.state.value})" if existing else f"in {config.storage}"
             raise RunError(
@@ -126,11 +149,12 @@ class RunClient:
         if resume and existing is not None and not existing.state.ended:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
+        config = self._with_reachable_data(config)
         # exec: the driver is the process Ray Jobs started, not a child of its shell. Stopped at the
         # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
         # orphaned, holding the cluster's CPUs (seen when Cancel was pressed while the run was pending).
         entrypoint = f"exec python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
-        env_vars = LOCAL_JOB_ENV if self.cluster.is_local else {}
+        env_vars = _local_job_env() if self.cluster.is_local else {}
         metadata = {
             "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
             "mode": config.mode, "dataset": config.data, "images": "" if images is None else str(images),
@@ -163,6 +187,25 @@ class RunClient:
                 "`napari-raysam runs list` shows the runs there"
             )
         return run
+
+    def resume(self, name: str, *, epochs: int | None = None) -> RunInfo:
+        """Continue an ended run from its latest epoch checkpoint (after its driver died, or for more epochs).
+
+        The run's own ``config.json`` (read from its storage) is submitted again, with ``epochs``
+        when given; the new job is ``<name>-resume-<time>``, under the same run name.
+
+        Raises:
+            RunError: no such run, it is still going, or its storage holds no config.
+        """
+        run = self.info(name)
+        try:
+            values = json.loads((run.run_dir / CONFIG_FILE).read_text())
+        except FileNotFoundError:
+            raise RunError(f"run '{name}' left no {CONFIG_FILE} in {run.run_dir}: it cannot be resumed") from None
+        except Exception as error:  # an object store: botocore's connection and credential errors
+            raise StorageError(unreachable_storage(str(run.run_dir), error)) from error
+        config = TrainConfig.from_dict({**values, **({"epochs": epochs} if epochs else {})})
+        return self.submit(config, images=run.images, resume=True)
 
     def stop(self, name: str) -> bool:
         """Ask the cluster to stop the run; True if it was still pending or running."""
@@ -225,6 +268,11 @@ class RunClient:
                     tail.finish()
                     if lifecycle.state == RunState.FAILED:
                         message = self._failure_message(run, details.message or message, tail)
+                        if metrics.lines:  # a checkpoint for each epoch line (written after it is stored)
+                            message += (
+                                f"\nits {len(metrics.lines)} finished epochs are kept: continue it with "
+                                f"`napari-raysam runs resume {run.name}`"
+                            )
                 update = RunUpdate(
                     state=lifecycle.state,
                     metrics=list(metrics.read()),
@@ -261,6 +309,14 @@ class RunClient:
         raise AssertionError("follow ended without an end state")
 
     # -- helpers ----------------------------------------------------------------------------------
+    def _with_reachable_data(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with a dataset the cluster can read: a local dataset goes into the storage when
+        the storage is an object store or the cluster is not this machine's."""
+        if is_uri(config.data) or (self.cluster.is_local and not is_uri(config.storage)):
+            return config
+        fingerprint = open_dataset(config.data).fingerprint()
+        return dataclasses.replace(config, data=upload_dataset(Path(config.data), fingerprint, config.storage))
+
     def _latest_jobs(self) -> dict[str, RunInfo]:
         """Run name -> the newest of its jobs, for this project's jobs only."""
         try:
@@ -276,7 +332,7 @@ class RunClient:
                 name=metadata.get("run_name", job.submission_id),
                 job_id=job.submission_id,
                 state=state_of_job(job.status),
-                run_dir=Path(metadata.get("run_dir", "")),
+                run_dir=location(metadata.get("run_dir", "")),
                 base_model=metadata.get("base_model", ""),
                 mode=metadata.get("mode", ""),
                 images=int(metadata["images"]) if metadata.get("images") else None,
@@ -296,7 +352,21 @@ class RunClient:
                 log = "\n".join(self._jobs.get_job_logs(run.job_id).rstrip().splitlines()[-30:])
             except (RuntimeError, OSError):
                 log = "(the log could not be read)"
-        return f"run '{run.name}' failed: {reason.strip() or 'no reason given'}\nlast lines of its log:\n{log}"
+        return f"run '{run.name}' failed: {_plain_reason(reason)}\nlast lines of its log:\n{log}"
+
+
+def _plain_reason(reason: str) -> str:
+    """Ray's reason for a failed job, without the log it appends (shown apart) and with a killed driver said so."""
+    reason = reason.split(", last available logs", 1)[0].strip()
+    code = re.search(r"exit code (-\d+)", reason)
+    if code is not None:  # a negative exit code: the driver process ended by a signal
+        number = -int(code.group(1))
+        name = signal.Signals(number).name if number in signal.valid_signals() else f"signal {number}"
+        return (
+            f"its training driver process was killed ({name}): by the system when memory ran out, by a node "
+            "that went away, or by hand"
+        )
+    return reason or "no reason given"
 
 
 def _elapsed(start_ms: int | None, end_ms: int | None) -> float:

@@ -95,9 +95,13 @@ class FinetuneWidget(QWidget):
         self.finetune_button.clicked.connect(self.fine_tune)
         self.cancel_button = QPushButton("Cancel", toolTip="Stop the run on the cluster")
         self.cancel_button.clicked.connect(self.cancel)
+        self.resume_button = QPushButton(
+            "Resume", toolTip="Continue the failed or stopped run from its last finished epoch"
+        )
+        self.resume_button.clicked.connect(self.resume)
         self.load_button = QPushButton("Load model", toolTip="Load the finished run's model into the annotator")
         self.load_button.clicked.connect(lambda: self._load_model(self._pending_model))
-        for button in (self.finetune_button, self.cancel_button, self.load_button):
+        for button in (self.finetune_button, self.cancel_button, self.resume_button, self.load_button):
             row.addWidget(button)
         layout.addLayout(row)
 
@@ -162,6 +166,8 @@ class FinetuneWidget(QWidget):
         following = self._follower is not None
         self.finetune_button.setEnabled(self._task is None and not following)
         self.cancel_button.setEnabled(following and self.run_name is not None)
+        ended = self.last_update is not None and self.last_update.state in (RunState.FAILED, RunState.STOPPED)
+        self.resume_button.setEnabled(self._task is None and not following and ended and bool(self.last_update.metrics))
         self.load_button.setEnabled(self._pending_model is not None)
         self.load_history_button.setEnabled(bool(self._history))
         self.cancel_button.setToolTip("Stop the run on the cluster" if running else "Stop the run before it starts")
@@ -272,6 +278,13 @@ class FinetuneWidget(QWidget):
             return
         client, name = self.client, self.run_name
         self._run_task(f"stopping run {name}…", lambda: client.stop(name), lambda _: None)
+
+    def resume(self) -> None:
+        """Continue the followed run, which failed or was stopped, from its last epoch checkpoint."""
+        if self.client is None or self.run_name is None:
+            return
+        client, name = self.client, self.run_name
+        self._run_task(f"resuming run {name}…", lambda: client.resume(name), lambda run: self.follow(run.name))
 
     def _connect_and_reconnect(self) -> None:
         """Connect in the background (starting the local Ray, so a click later is quick), show the

@@ -1,0 +1,155 @@
+"""Storage anywhere: runs, datasets and models in an object store (a real S3 server on 127.0.0.1).
+
+The server is moto's, in a process of its own (``tests/s3_server.py``); the Ray test trains with
+``s3://`` storage on this session's embedded cluster, follows the run from the store, fetches and
+loads its model from there and resumes it.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.config import TrainConfig
+from backend.dataset import open_dataset
+from backend.models import build_sam, load_model, save_model_folder
+from backend.run_directory import RunDirectory
+from backend.storage import (
+    UPLOAD_COMPLETE, StorageError, append_line, local_dataset, location, upload_dataset, upload_folder, write_text,
+)
+from napari_raysam.cli import main
+from napari_raysam.runs import MetricsReader, RunClient, RunState, fetch_model, read_progress, run_history
+from s3_server import make_bucket, s3_server
+
+
+@pytest.fixture(scope="module")
+def bucket():
+    with s3_server():
+        make_bucket("lab")
+        yield "s3://lab"
+
+
+@pytest.fixture(autouse=True)
+def download_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("NAPARI_RAYSAM_CACHE", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def test_run_files_in_an_object_store_are_whole_and_a_torn_metrics_line_is_left_out(bucket, tmp_path):
+    config = TrainConfig(data="unused.zarr", storage=f"{bucket}/{tmp_path.name}", model="random:tiny")
+    run = RunDirectory(config)
+    run.create()
+    assert json.loads((config.run_dir / "config.json").read_text())["run_name"] == config.run_name
+    for epoch in range(2):
+        append_line(config.run_dir / "metrics.jsonl", json.dumps({"epoch": epoch, "val_loss": 1.0, "val_iou": 0.1}))
+    reader = MetricsReader(config.run_dir)
+    assert [m["epoch"] for m in reader.read()] == [0, 1]
+    # a driver killed while writing leaves a torn last line: the resume keeps the whole ones
+    text = (config.run_dir / "metrics.jsonl").read_text()
+    write_text(config.run_dir / "metrics.jsonl", text + '{"epoch": 2, "val_')
+    assert [m["epoch"] for m in run.metrics()] == [0, 1]
+    run.restore_metrics(None, 2)  # a resume after epoch 1 from a checkpoint without its own lines
+    assert (config.run_dir / "metrics.jsonl").read_text() == text
+    checkpointed = [{"epoch": epoch, "val_loss": 1.0, "val_iou": 0.1} for epoch in range(3)]
+    run.restore_metrics(checkpointed, 3)  # the checkpoint's lines are the record
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1, 2]
+    run.write_progress(0, 3, 3)
+    assert read_progress(config.run_dir)["step"] == 3
+    assert [record.name for record in run_history(config.storage)] == [config.run_name]
+
+
+def test_a_dataset_is_uploaded_once_by_content_and_downloaded_once_per_machine(bucket, cell_dataset, tmp_path,
+                                                                               download_cache, capsys):
+    fingerprint = open_dataset(cell_dataset).fingerprint()
+    storage = f"{bucket}/{tmp_path.name}"
+    uri = upload_dataset(cell_dataset, fingerprint, storage)
+    assert uri == f"{storage}/datasets/{fingerprint[:32]}.zarr"
+    marker = location(uri) / UPLOAD_COMPLETE
+    uploaded_at = marker.stat().st_mtime
+    assert main(["upload", str(cell_dataset), "--storage", storage]) == 0  # for a RayJob's --data
+    assert capsys.readouterr().out.strip() == uri
+    assert marker.stat().st_mtime == uploaded_at  # not uploaded again
+
+    local = local_dataset(uri)
+    assert local.is_relative_to(download_cache)
+    assert open_dataset(local).fingerprint() == fingerprint
+    marker.unlink()  # a cut-off upload is refused, not half-used
+    with pytest.raises(StorageError, match="not a complete dataset upload"):
+        local_dataset(uri)
+
+
+def test_a_model_in_the_store_loads_from_its_uri_and_fetch_checks_its_sha256(bucket, tmp_path):
+    local = save_model_folder(
+        build_sam("tiny"), tmp_path / "model", model_type="tiny", base_model="random:tiny", mode="decoder",
+        dataset_fingerprint=None, metrics={}, config={},
+    )
+    run_dir = location(f"{bucket}/{tmp_path.name}/run-1")
+    upload_folder(local, run_dir / "model", last="meta.json")
+    original = load_model(local)
+
+    loaded = load_model(str(run_dir))  # the run folder, as the annotator's model field takes it
+    assert loaded.fingerprint == original.fingerprint and loaded.source == str(run_dir)
+    assert main(["runs", "fetch", "run-1", "--storage", f"{bucket}/{tmp_path.name}", "-o", str(tmp_path / "got")]) == 0
+    assert load_model(tmp_path / "got").fingerprint == original.fingerprint
+
+    (run_dir / "model" / "model.safetensors").write_bytes(b"damaged")
+    with pytest.raises(StorageError, match="does not match the sha256"):
+        fetch_model(run_dir, tmp_path / "got")
+    assert load_model(tmp_path / "got").fingerprint == original.fingerprint  # the earlier copy is untouched
+
+
+@pytest.fixture
+def fresh_s3_clients():
+    """s3fs keeps one client per set of options, made with the endpoint of its time: ``renew()`` starts anew."""
+    from s3fs import S3FileSystem
+
+    yield S3FileSystem.clear_instance_cache
+    S3FileSystem.clear_instance_cache()
+
+
+def test_a_missing_bucket_and_an_unreachable_store_are_said_plainly(
+    bucket, cell_dataset, monkeypatch, ray_cluster, fresh_s3_clients
+):
+    from s3_server import free_port
+
+    config = TrainConfig(data=str(cell_dataset), storage="s3://no-such-bucket/runs", model="random:tiny")
+    with pytest.raises(StorageError, match="cannot use the storage s3://no-such-bucket/runs/datasets/.*bucket does not exist"):
+        RunClient(ray_cluster).submit(config)  # and no bucket is made in the user's account
+    assert not location("s3://no-such-bucket").exists()
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    fresh_s3_clients()
+    config = TrainConfig(data=str(cell_dataset), storage="s3://lab/runs", model="random:tiny")
+    with pytest.raises(StorageError, match="cannot use the storage s3://lab/runs.*AWS_ENDPOINT_URL"):
+        RunClient(ray_cluster).submit(config)
+
+
+@pytest.mark.ray
+def test_a_run_with_object_storage_trains_follows_fetches_and_resumes(bucket, ray_cluster, cell_dataset, tmp_path):
+    storage = f"{bucket}/{tmp_path.name}"
+    config = TrainConfig(
+        data=str(cell_dataset), storage=storage, model="random:tiny", epochs=2, n_objects_per_batch=2,
+        n_sub_iteration=1,
+    )
+    client = RunClient(ray_cluster)
+    run = client.submit(config)
+    assert str(run.run_dir).startswith("s3://lab/")
+    updates = []
+    model = client.wait(config.run_name, on_update=updates.append, poll_s=0.5)
+    assert str(model).startswith("s3://") and [m["epoch"] for m in updates[-1].metrics] == [0, 1]
+    assert updates[-1].state == RunState.SUCCEEDED and updates[-1].baseline is not None
+    # the dataset went to the store once, by content, and the run read it from there
+    datasets = list((location(storage) / "datasets").iterdir())
+    assert len(datasets) == 1 and json.loads((config.run_dir / "config.json").read_text())["data"] == str(datasets[0])
+    assert load_model(str(model)).meta["mode"] == "decoder"
+    assert main(["runs", "fetch", config.run_name, "-o", str(tmp_path / "fetched"),
+                 "--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]) == 0
+    assert load_model(tmp_path / "fetched").meta["dataset_fingerprint"] == open_dataset(cell_dataset).fingerprint()
+
+    # resume the finished run for two more epochs: it continues from its checkpoint in the store
+    resumed = TrainConfig(**{**config.to_dict(), "epochs": 4})
+    client.submit(resumed, resume=True)
+    client.wait(config.run_name, poll_s=0.5)
+    epochs = [m["epoch"] for m in MetricsReader(config.run_dir).read()]
+    assert epochs == [0, 1, 2, 3]
