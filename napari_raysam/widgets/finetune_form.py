@@ -38,7 +38,8 @@ class SettingsForm(QWidget):
                                     toolTip="The cluster's Ray auth token (never saved); empty: the environment or token file")
         form.addRow("Token", self.token_edit)
         self.storage_edit = QLineEdit(settings.storage, placeholderText=str(settings.storage_path),
-                                      toolTip="Folder for the run folders; on a cluster, storage every node can reach")
+                                      toolTip="Folder or object-store URI (s3://bucket/runs) for the run folders; on a cluster, "
+                                      "storage every node can reach (the dataset is uploaded there when needed)")
         form.addRow("Storage", self.storage_edit)
         layout.addWidget(cluster_box)
 
