@@ -91,6 +91,9 @@ class RunDirectory:
         write_text(self.path / "baseline.json", json.dumps({"val_loss": val_loss, "val_iou": val_iou}))
 
     def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
+        """Write ``progress.json``. It only shows the way: a storage that refuses it for a moment (an object
+        store's blip) costs a line in the log, not the run; a lasting outage ends the run at the epoch's
+        checkpoint, which must be stored."""
         now = time.monotonic()
         if is_remote(self.path) and step < steps_per_epoch and now - self._progress_written < REMOTE_PROGRESS_EVERY_S:
             return
@@ -100,7 +103,10 @@ class RunDirectory:
             "epoch": epoch, "epochs": self.config.epochs, "step": step, "steps_per_epoch": steps_per_epoch,
             "elapsed_s": round(self.clock(), 2), "budget_s": budget,
         }
-        write_text(self.path / "progress.json", json.dumps(progress))
+        try:
+            write_text(self.path / "progress.json", json.dumps(progress))
+        except Exception as error:  # OSError on a disk, botocore's own errors from an object store
+            print(f"could not update {self.path / 'progress.json'} ({error}); training goes on", flush=True)
 
     def export_model(self, tuner: SamFineTuner) -> Location:
         """Write the best epoch's model into ``<run>/model`` (contract 3); in an object store, meta.json last."""

@@ -8,6 +8,7 @@ import os
 
 import pytest
 
+from backend.storage import StorageError
 from napari_raysam.finetune import FinetuneError, FinetuneSettings
 from napari_raysam.runs import MetricsReader, RunLifecycle, RunState, RunUpdate, fetch_model, run_history
 from napari_raysam.runs.progress import progress_fraction, progress_text
@@ -132,6 +133,35 @@ def test_following_survives_a_dropped_connection(tmp_path, monkeypatch):
     jobs = _FlakyJobs(tmp_path, drops=100)
     monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
     with pytest.raises(RunError, match="the run goes on there: follow it again"):
+        list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1", retries=3))
+
+
+def test_following_survives_a_storage_that_does_not_answer_for_a_while(tmp_path, monkeypatch):
+    from napari_raysam.cluster import Cluster
+    from napari_raysam.runs import RunClient
+    from napari_raysam.runs import client as run_client
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "meta.json").write_text("{}")
+    monkeypatch.setattr("napari_raysam.runs.client.time.sleep", lambda seconds: None)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: _FlakyJobs(tmp_path, drops=0))
+    outage = {"reads": 2}
+
+    def read_progress(run_dir):  # an object store down for two polls: botocore raises its own errors
+        if outage["reads"] > 0:
+            outage["reads"] -= 1
+            raise RuntimeError("Could not connect to the endpoint URL")
+        return None
+
+    monkeypatch.setattr(run_client, "read_progress", read_progress)
+    updates = list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1"))
+    assert [u.message for u in updates[:2]] == [
+        f"cannot read the run's files in {tmp_path}; retrying ({k}/30)" for k in (1, 2)
+    ]
+    assert updates[-1].state == RunState.SUCCEEDED and updates[-1].model == tmp_path / "model"
+
+    outage["reads"] = 100
+    with pytest.raises(StorageError, match="Could not connect.*The run goes on: follow it again"):
         list(RunClient(Cluster("http://127.0.0.1:1")).follow("r1", retries=3))
 
 

@@ -36,7 +36,11 @@ def download_cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_run_files_in_an_object_store_are_whole_and_a_torn_metrics_line_is_left_out(bucket, tmp_path):
+def _refuse(*args, **kwargs):
+    raise RuntimeError("Could not connect to the endpoint URL")
+
+
+def test_run_files_in_an_object_store_are_whole_and_a_torn_metrics_line_is_left_out(bucket, tmp_path, capsys):
     config = TrainConfig(data="unused.zarr", storage=f"{bucket}/{tmp_path.name}", model="random:tiny")
     run = RunDirectory(config)
     run.create()
@@ -56,6 +60,10 @@ def test_run_files_in_an_object_store_are_whole_and_a_torn_metrics_line_is_left_
     assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1, 2]
     run.write_progress(0, 3, 3)
     assert read_progress(config.run_dir)["step"] == 3
+    with pytest.MonkeyPatch.context() as patch:  # the store refuses a write for a moment: the run goes on
+        patch.setattr("backend.run_directory.write_text", _refuse)
+        run.write_progress(1, 3, 3)
+    assert "could not update" in capsys.readouterr().out and read_progress(config.run_dir)["epoch"] == 0
     assert [record.name for record in run_history(config.storage)] == [config.run_name]
 
 

@@ -228,17 +228,22 @@ class RunClient:
         The last update has an end state. The log arrives over Ray's log stream (only new text),
         metrics are read from where the previous read stopped, the status is one small request per
         ``poll_s``. A dropped connection is retried ``retries`` times (backing off up to 10 s)
-        with an update saying so; ``should_stop`` lets a GUI stop following (the run goes on).
+        with an update saying so, and so is a storage whose files cannot be read (an object store
+        that does not answer); ``should_stop`` lets a GUI stop following (the run goes on).
         The model is reported as soon as its folder is complete, before the job has ended.
         """
         run = self.info(name)
-        earlier_model = model_written_ns(run.run_dir)  # a resumed run's earlier export is not this job's model
+        try:
+            earlier_model = model_written_ns(run.run_dir)  # a resumed run's earlier export is not this job's model
+        except Exception as error:  # an object store: botocore's connection and credential errors
+            raise StorageError(unreachable_storage(str(run.run_dir), error)) from error
         lifecycle = RunLifecycle(RunState.PENDING)
         metrics = MetricsReader(run.run_dir)
+        progress: dict | None = None
         tail = LogTail(self._make_jobs_client, run.job_id)
         tail.start()
         last: tuple | None = None
-        failures = 0
+        failures = unread = 0
         try:
             while not should_stop():
                 try:
@@ -252,14 +257,31 @@ class RunClient:
                             f"there: follow it again with `napari-raysam runs follow {name}`"
                         ) from error
                     yield RunUpdate(
-                        lifecycle.state, metrics.lines, read_progress(run.run_dir), "", 0.0,
+                        lifecycle.state, metrics.lines, progress, "", 0.0,
                         message=f"lost the connection to the cluster; retrying ({failures}/{retries})",
                     )
                     time.sleep(min(2.0**failures, 10.0))
                     continue
                 state = state_of_job(details.status)
-                written = state == RunState.RUNNING and model_written_ns(run.run_dir) not in (None, earlier_model)
-                model = model_folder(run.run_dir) if written or state == RunState.SUCCEEDED else None
+                try:  # the run's files, from its storage: a disk, or an object store that may not answer
+                    written = state == RunState.RUNNING and model_written_ns(run.run_dir) not in (None, earlier_model)
+                    model = model_folder(run.run_dir) if written or state == RunState.SUCCEEDED else None
+                    lines, progress = list(metrics.read()), read_progress(run.run_dir)
+                    baseline = read_baseline(run.run_dir) if state.ended else None
+                    unread = 0
+                except Exception as error:  # botocore's connection and credential errors are not OSErrors
+                    unread += 1
+                    if unread > retries:
+                        raise StorageError(
+                            f"{unreachable_storage(str(run.run_dir), error)}. The run goes on: follow it again "
+                            f"with `napari-raysam runs follow {name}`"
+                        ) from error
+                    yield RunUpdate(
+                        lifecycle.state, metrics.lines, progress, "", _elapsed(details.start_time, details.end_time),
+                        message=f"cannot read the run's files in {run.run_dir}; retrying ({unread}/{retries})",
+                    )
+                    time.sleep(min(2.0**unread, 10.0))
+                    continue
                 message = ""
                 if state == RunState.SUCCEEDED and model is None:
                     state, message = RunState.FAILED, f"the job ended without writing a model into {run.run_dir}"
@@ -275,13 +297,13 @@ class RunClient:
                             )
                 update = RunUpdate(
                     state=lifecycle.state,
-                    metrics=list(metrics.read()),
-                    progress=read_progress(run.run_dir),
+                    metrics=lines,
+                    progress=progress,
                     new_log=tail.take(),
                     elapsed_s=_elapsed(details.start_time, details.end_time),
                     model=model,
                     message=message,
-                    baseline=read_baseline(run.run_dir) if lifecycle.state.ended else None,
+                    baseline=baseline,
                 )
                 key = (update.state, len(update.metrics), json.dumps(update.progress), update.model)
                 if update.new_log or key != last or lifecycle.state.ended:
