@@ -14,6 +14,7 @@ import json
 import sys
 
 from backend.config import ConfigError, TrainConfig
+from backend.storage import StorageError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,17 +32,21 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.no_ray:
-        from backend.training import train as train_locally
+    try:
+        if args.no_ray:
+            from backend.training import train as train_locally
 
-        model = train_locally(config)
-    else:
-        import ray
+            model = train_locally(config)
+        else:
+            import ray
 
-        from backend.ray_train import run
+            from backend.ray_train import run
 
-        ray.init()  # inside a Ray job this connects to the job's cluster
-        model = run(config)
+            ray.init()  # inside a Ray job this connects to the job's cluster
+            model = run(config)
+    except StorageError as error:  # one line, which the run client shows as the reason the run failed
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        return 1
     print(f"model written to {model}")
     return 0
 

@@ -25,7 +25,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from backend.config import TrainConfig
 from backend.run_directory import RunDirectory
-from backend.storage import Location, ray_storage
+from backend.storage import Location, StorageError, ray_storage, refused_write
 
 _STATE_FILE = "state.pt"
 
@@ -69,7 +69,8 @@ def train_loop_per_worker(config_values: dict) -> None:
             metrics.append(record.to_dict())
             with tempfile.TemporaryDirectory() as folder:  # the epoch lines travel with the checkpoint
                 save_state({**tuner.state(epoch), "metrics": metrics}, Path(folder) / _STATE_FILE)
-                ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
+                with run.storing(f"epoch {epoch}'s checkpoint"):  # Ray Train uploads it into the run folder
+                    ray.train.report(record.to_dict(), checkpoint=Checkpoint.from_directory(folder))
             run.append_metrics(record)  # after the checkpoint is stored: a metrics line means the epoch is safe
         if tuner.out_of_time():  # rank 0's answer, broadcast: every rank leaves after the same epoch
             break
@@ -121,5 +122,28 @@ def run(config: TrainConfig) -> Location:
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    trainer.fit()
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        refused = _storage_failure(error, run_dir)
+        if refused is None:
+            raise
+        raise refused from error
     return config.run_dir / "model"
+
+
+def _storage_failure(error: ray.train.TrainingFailedError, run_dir: RunDirectory) -> StorageError | None:
+    """The storage error that ended a Ray Train run, if storage is what failed, else None.
+
+    Ray Train reports a worker's exception wrapped with its traceback (``_base_exc``, the one way
+    to reach it in Ray 2.x) and its controller's own failure apart; a controller that cannot
+    write its checkpoint records into the run folder fails with a plain OSError.
+    """
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = getattr(failure, "_base_exc", failure)
+        if isinstance(cause, StorageError):
+            return cause
+    controller = getattr(error, "controller_failure", None)
+    if isinstance(controller, OSError):
+        return StorageError(refused_write(str(run_dir.path), "Ray Train's checkpoint records", controller))
+    return None

@@ -14,6 +14,7 @@ layer (fsspec, light).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import time
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backend.config import TrainConfig
-from backend.storage import Location, append_line, is_remote, make_folder, upload_folder, write_text
+from backend.storage import Location, append_line, is_remote, make_folder, storing, upload_folder, write_text
 
 if TYPE_CHECKING:
     from backend.training import EpochRecord, SamFineTuner
@@ -80,15 +81,18 @@ class RunDirectory:
         Returns the lines kept.
         """
         kept = checkpointed if checkpointed is not None else [m for m in self.metrics() if m["epoch"] < start]
-        write_text(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
+        with self.storing("the epoch lines of metrics.jsonl"):
+            write_text(self.path / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in kept))
         return list(kept)
 
     def append_metrics(self, record: EpochRecord) -> None:
-        append_line(self.path / "metrics.jsonl", json.dumps(record.to_dict()))
+        with self.storing(f"epoch {record.epoch}'s line of metrics.jsonl"):
+            append_line(self.path / "metrics.jsonl", json.dumps(record.to_dict()))
 
     def write_baseline(self, val_loss: float, val_iou: float) -> None:
         """The base model's validation before training: the "before" of the run's before/after."""
-        write_text(self.path / "baseline.json", json.dumps({"val_loss": val_loss, "val_iou": val_iou}))
+        with self.storing("the base model's validation (baseline.json)"):
+            write_text(self.path / "baseline.json", json.dumps({"val_loss": val_loss, "val_iou": val_iou}))
 
     def write_progress(self, epoch: int, step: int, steps_per_epoch: int) -> None:
         """Write ``progress.json``. It only shows the way: a storage that refuses it for a moment (an object
@@ -127,7 +131,14 @@ class RunDirectory:
 
         destination = self.path / "model"
         if not is_remote(self.path):
-            return save(destination)
+            with self.storing("the trained model"):
+                return save(destination)
         with tempfile.TemporaryDirectory() as local:  # written here whole, then uploaded
-            upload_folder(save(Path(local) / "model"), destination, last=META_FILE)
+            model = save(Path(local) / "model")
+            with self.storing("the trained model"):
+                upload_folder(model, destination, last=META_FILE)
         return destination
+
+    def storing(self, what: str) -> contextlib.AbstractContextManager[None]:
+        """A block of writes into the run folder: a failed one is a StorageError that names ``what`` was lost."""
+        return storing(str(self.path), what)

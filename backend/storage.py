@@ -54,6 +54,26 @@ def unreachable_storage(where: str, error: Exception) -> str:
     )
 
 
+def refused_write(where: str, what: str, error: Exception) -> str:
+    """The plain message for a storage that refused to store part of a run (full, over quota, read-only)."""
+    reason = getattr(error, "strerror", None) or error
+    return (
+        f"the storage {where} refused to store {what} ({reason}). Free space there or give write access "
+        "back; the dataset and the epochs stored before are intact"
+    )
+
+
+@contextlib.contextmanager
+def storing(where: str, what: str) -> Iterator[None]:
+    """Writes in the block that fail raise a :class:`StorageError` saying :func:`refused_write`."""
+    try:
+        yield
+    except StorageError:
+        raise
+    except Exception as error:  # OSError on a disk; botocore's own errors from an object store
+        raise StorageError(refused_write(where, what, error)) from error
+
+
 def is_uri(text: str | os.PathLike[str]) -> bool:
     """True for an object-store URI (``s3://bucket/key``), False for a local path or ``file://``."""
     return "://" in str(text) and not str(text).startswith("file://")

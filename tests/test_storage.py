@@ -7,7 +7,11 @@ loads its model from there and resumes it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
+import subprocess
+import time
 
 import pytest
 
@@ -16,11 +20,11 @@ from backend.dataset import open_dataset
 from backend.models import build_sam, load_model, save_model_folder
 from backend.run_directory import RunDirectory
 from backend.storage import (
-    UPLOAD_COMPLETE, StorageError, append_line, local_dataset, location, upload_dataset, upload_folder, write_text,
+    UPLOAD_COMPLETE, Location, StorageError, append_line, local_dataset, location, upload_dataset, upload_folder, write_text,
 )
 from napari_raysam.cli import main
-from napari_raysam.runs import MetricsReader, RunClient, RunState, fetch_model, read_progress, run_history
-from s3_server import make_bucket, s3_server
+from napari_raysam.runs import MetricsReader, RunClient, RunFailed, RunState, fetch_model, read_progress, run_history
+from s3_server import make_bucket, refusing_writes, s3_server
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +165,88 @@ def test_a_run_with_object_storage_trains_follows_fetches_and_resumes(bucket, ra
     client.wait(config.run_name, poll_s=0.5)
     epochs = [m["epoch"] for m in MetricsReader(config.run_dir).read()]
     assert epochs == [0, 1, 2, 3]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 192 MB disk of its own (a tmpfs) to fill up; skipped where this user may not mount one."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=192m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small disk here: {mounted.stderr.strip()}")
+    yield disk
+    subprocess.run(["umount", "--lazy", str(disk)], check=True)
+
+
+def _fill(disk) -> None:
+    with open(disk / "filler", "wb") as filler:
+        with contextlib.suppress(OSError):
+            while True:
+                filler.write(bytes(1 << 20))
+                filler.flush()
+
+
+def _two_epochs_into_a_run(cluster, dataset, storage: str) -> tuple[RunClient, TrainConfig]:
+    """A 12-epoch run submitted with the given storage, once its first two epochs are stored."""
+    config = TrainConfig(
+        data=str(dataset), storage=storage, model="random:tiny", epochs=12, n_objects_per_batch=2,
+        n_sub_iteration=1, max_failures=1,
+    )
+    client = RunClient(cluster)
+    client.submit(config)
+    metrics = MetricsReader(config.run_dir)
+    deadline = time.monotonic() + 300
+    while len(metrics.read()) < 2:
+        assert time.monotonic() < deadline, "no two epochs finished"
+        time.sleep(0.2)
+    return client, config
+
+
+def _assert_refused_plainly(failed: RunFailed, config: TrainConfig, reason: str) -> list[int]:
+    """The run failed saying which storage refused what and why, with its epochs kept; returns them."""
+    said = str(failed)
+    assert re.match(
+        rf"run '{config.run_name}' failed: the storage {config.run_dir} refused to store .*\(.*{reason}.*\)\. "
+        "Free space there or give write access back; the dataset and the epochs stored before are intact\n",
+        said,
+    ), said[:2000]
+    assert f"continue it with `napari-raysam runs resume {config.run_name}`" in said
+    kept = [m["epoch"] for m in MetricsReader(config.run_dir).read()]
+    assert len(kept) >= 2 and kept == list(range(len(kept)))  # every line whole, none twice
+    return kept
+
+
+def _resume_for_two_more_epochs(client: RunClient, config: TrainConfig, kept: list[int]) -> Location:
+    """Resume the run for two epochs after ``kept``: from its newest whole checkpoint, every epoch recorded once."""
+    resumed = TrainConfig(**{**config.to_dict(), "epochs": len(kept) + 2})
+    client.submit(resumed, resume=True)
+    model = client.wait(config.run_name, poll_s=0.5)
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == list(range(len(kept) + 2))
+    return model
+
+
+@pytest.mark.ray
+def test_a_disk_that_fills_up_mid_run_fails_it_plainly_and_resume_continues_once_there_is_room(
+    ray_cluster, cell_dataset, small_disk
+):
+    client, config = _two_epochs_into_a_run(ray_cluster, cell_dataset, str(small_disk / "runs"))
+    _fill(small_disk)
+    with pytest.raises(RunFailed) as failed:
+        client.wait(config.run_name, poll_s=0.5)
+    kept = _assert_refused_plainly(failed.value, config, "No space left on device")
+
+    (small_disk / "filler").unlink()  # room again; a checkpoint cut off by the full disk is passed over
+    model = _resume_for_two_more_epochs(client, config, kept)
+    assert load_model(model).meta["mode"] == "decoder"
+
+
+@pytest.mark.ray
+def test_an_object_store_that_refuses_writes_mid_run_fails_it_plainly_and_resume_continues(
+    bucket, ray_cluster, cell_dataset, tmp_path
+):
+    client, config = _two_epochs_into_a_run(ray_cluster, cell_dataset, f"{bucket}/{tmp_path.name}")
+    with refusing_writes(), pytest.raises(RunFailed) as failed:
+        client.wait(config.run_name, poll_s=0.5)  # following only reads: it goes on while writes are refused
+    kept = _assert_refused_plainly(failed.value, config, "minimum free drive threshold")
+    _resume_for_two_more_epochs(client, config, kept)  # the uploaded dataset and the stored checkpoints are whole

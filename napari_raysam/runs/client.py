@@ -31,11 +31,13 @@ from napari_raysam.cluster import Cluster, ClusterError
 from napari_raysam.runs.files import (
     CONFIG_FILE, MetricsReader, model_folder, model_written_ns, read_baseline, read_progress,
 )
-from napari_raysam.runs.logs import LogTail
+from napari_raysam.runs.logs import KEPT_LINES, LogTail
 from napari_raysam.runs.state import RunLifecycle, RunState, state_of_job
 
 APP = "napari-raysam"
 """The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
+_DRIVER_ERROR = "error: "
+"""How ``python -m backend`` starts the one line that says why it failed."""
 # A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
 # helpers off. The preemption watcher is one more process (an interpreter importing Ray) started
 # while the training worker imports PyTorch on the same cores, and a desktop is never preempted;
@@ -368,17 +370,23 @@ class RunClient:
         return latest
 
     def _failure_message(self, run: RunInfo, reason: str, tail: LogTail) -> str:
-        log = tail.tail(30)
+        log = tail.tail(KEPT_LINES).splitlines()
         if not log:  # the log stream was not to be had: ask once for the whole log
             try:
-                log = "\n".join(self._jobs.get_job_logs(run.job_id).rstrip().splitlines()[-30:])
+                log = self._jobs.get_job_logs(run.job_id).rstrip().splitlines()
             except (RuntimeError, OSError):
-                log = "(the log could not be read)"
-        return f"run '{run.name}' failed: {_plain_reason(reason)}\nlast lines of its log:\n{log}"
+                log = ["(the log could not be read)"]
+        last = "\n".join(log[-30:])
+        return f"run '{run.name}' failed: {_plain_reason(reason, log)}\nlast lines of its log:\n{last}"
 
 
-def _plain_reason(reason: str) -> str:
-    """Ray's reason for a failed job, without the log it appends (shown apart) and with a killed driver said so."""
+def _plain_reason(reason: str, log: list[str]) -> str:
+    """Why a job failed, in plain words: the driver's own ``error: ...`` line (``python -m backend``
+    says so what it knows, such as a storage that refused a checkpoint), else Ray's reason without the log
+    it appends (shown apart) and with a killed driver said so."""
+    said = [line.removeprefix(_DRIVER_ERROR) for line in log if line.startswith(_DRIVER_ERROR)]
+    if said:
+        return said[-1]
     reason = reason.split(", last available logs", 1)[0].strip()
     code = re.search(r"exit code (-\d+)", reason)
     if code is not None:  # a negative exit code: the driver process ended by a signal
