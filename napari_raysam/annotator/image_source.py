@@ -30,6 +30,18 @@ class ImageError(ValueError):
     """An image cannot be annotated; the message says what to do."""
 
 
+def _read(part: Any) -> np.ndarray:
+    """``part`` (numpy, zarr, a dask array, a ``_ChannelView``) read into memory.
+
+    A dask array is computed in the calling thread with no callbacks: without them dask swaps its
+    global callback set in and out, which breaks napari's dask cache when napari reads the same
+    array on the event loop while a worker reads a plane (KeyError in the cache).
+    """
+    if hasattr(part, "compute"):
+        part = part.compute(scheduler="sync", callbacks=[])
+    return np.asarray(part)
+
+
 class _ChannelView:
     """One channel of a lazy array (dask, zarr, ...): indexing reads only what is asked for.
 
@@ -50,13 +62,7 @@ class _ChannelView:
         full = [slice(None)] * self.ndim
         full[: len(index)] = index
         full.insert(self._axis, self._channel)
-        part = self._array[tuple(full)]
-        if hasattr(part, "compute"):  # dask
-            # Read in the calling thread with no callbacks: without them dask swaps its global
-            # callback set in and out, which breaks napari's dask cache when napari reads the same
-            # array on the event loop while a worker reads a plane (KeyError in the cache).
-            part = part.compute(scheduler="sync", callbacks=[])
-        return np.asarray(part)
+        return _read(self._array[tuple(full)])
 
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         return np.asarray(self[()], dtype=dtype)
@@ -204,7 +210,7 @@ class ImageChannels:
         if len(index) != len(stack) or not all(0 <= i < n for i, n in zip(index, stack)):
             where = f"slices 0 to {stack[0] - 1}" if stack else "a 2D image: use index ()"
             raise ImageError(f"slice {index} does not exist in this image ({where})")
-        return np.stack([np.asarray(channel[index]) for channel in self.channels])
+        return np.stack([_read(channel[index]) for channel in self.channels])
 
     def default_sam_channels(self) -> tuple[int, ...]:
         """The channels fed to SAM's RGB input unless the user chooses others.
