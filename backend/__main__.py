@@ -3,8 +3,9 @@
 CONFIG is a TrainConfig as a JSON file path or as the JSON object itself (what the job
 client submits, so the cluster needs no file from the submitting machine).
 
-Ray Jobs runs this as the job's driver; ``--no-ray`` runs the same training in this
-process without Ray (e.g. on a GPU machine that has no Ray installed).
+Ray Jobs runs this as the job's driver, which starts Ray Train's workers, or, with the config's
+``launcher`` set to ``driver``, trains in this process itself. ``--no-ray`` runs that same
+in-process training outside any Ray job (e.g. on a GPU machine that has no Ray installed).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:
-        if args.no_ray:
+        if args.no_ray or config.launcher == "driver":
+            import torch
+
             from backend.training import train as train_locally
 
+            if not args.no_ray:  # the job reserved this many CPUs for its driver (entrypoint_num_cpus)
+                torch.set_num_threads(config.cpus_per_worker)
             model = train_locally(config)
         else:
             import ray

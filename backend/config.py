@@ -25,6 +25,13 @@ RECIPE_DEFAULTS = {
     "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8},
 }
 
+LAUNCHERS = ("auto", "ray-train", "driver")
+"""How a Ray job trains. ray-train: Ray Train workers (data parallel, on any node, restarted from the
+last checkpoint after a failure); driver: the job's own process trains, as ``--no-ray`` does (one
+worker: no Ray Train controller, helpers or worker process to start, so the first step comes seconds
+sooner, and a failure ends the run, which ``runs resume`` continues); auto: driver for one worker on
+a cluster started on this computer, ray-train otherwise (decided by the run client when it submits)."""
+
 LR_SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
@@ -91,6 +98,8 @@ class TrainConfig:
     cpus_per_worker: int = 1
     max_failures: int = 2
     """Worker failures Ray Train recovers from, resuming from the last epoch checkpoint."""
+    launcher: str = "auto"
+    """Who trains inside the Ray job: see LAUNCHERS."""
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes carried into meta.json (e.g. who submitted, from which widget)."""
@@ -117,6 +126,13 @@ class TrainConfig:
             raise ConfigError(f"minutes must be a time budget > 0 (e.g. 5) or empty, got {self.minutes}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.lr_schedule}'")
+        if self.launcher not in LAUNCHERS:
+            raise ConfigError(f"launcher must be one of {', '.join(LAUNCHERS)}, got '{self.launcher}'")
+        if self.launcher == "driver" and self.workers != 1:
+            raise ConfigError(
+                f"the driver launcher trains in the job's one process; use --launcher ray-train (or auto) "
+                f"for {self.workers} workers"
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
         positive = {

@@ -495,13 +495,16 @@ def train(
     state_path = run.path / "resume_state.pt"
     state = load_state(state_path) if resume and state_path.exists() else None
     start = tuner.load_state(state) if state is not None else 0
+    if state is not None:
+        print(f"resuming after epoch {start - 1} from {state_path}", flush=True)
     metrics = run.restore_metrics(state.get("metrics") if state is not None else None, start)
     if start == 0:
         run.write_baseline(*tuner.validate())
     for epoch in range(start, config.epochs):
         record = tuner.run_epoch(epoch)
         metrics.append(record.to_dict())
-        save_state({**tuner.state(epoch), "metrics": metrics}, state_path)  # the epoch lines travel with it
+        with run.storing(f"epoch {epoch}'s checkpoint"):  # the epoch lines travel with it
+            save_state({**tuner.state(epoch), "metrics": metrics}, state_path)
         run.append_metrics(record)
         if on_epoch is not None:
             on_epoch(record)

@@ -100,7 +100,8 @@ def main() -> int:
 
     def config(name: str, **layout) -> TrainConfig:  # one storage: the embeddings are computed once
         return TrainConfig(data=str(data), storage=str(folder / "runs"), model="random:vit_t", mode="decoder",
-                           epochs=args.epochs, run_name=f"{name}-{int(time.time())}", **layout)
+                           epochs=args.epochs, run_name=f"{name}-{int(time.time())}", launcher="ray-train",
+                           **layout)
 
     two_threads = [plain(config("plain"), args.epochs, threads=2)]
     one_thread = [plain(config("plain1"), args.epochs, threads=1)]

@@ -8,6 +8,7 @@ file) with the actor it runs, when the job was running, and when the baseline, t
 progress and the model folder appeared.
 
     .venv/bin/python bench/ray_startup.py /tmp/ray-startup   # twice
+    .venv/bin/python bench/ray_startup.py /tmp/ray-startup --launcher ray-train   # through Ray Train's workers
 
 With ``--storage URI`` the run's storage is an object store (the dataset is uploaded there first,
 and counted in the time to the submission's return). For an S3-compatible server on this machine:
@@ -33,6 +34,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("folder", nargs="?", default="/tmp/ray-startup", type=Path)
     parser.add_argument("--storage", help="the runs' storage (default: FOLDER/runs); an s3:// URI for object storage")
+    parser.add_argument("--launcher", default="auto", help="auto (the job's driver trains), ray-train or driver")
     args = parser.parse_args()
     folder = args.folder.resolve()
     os.environ["NAPARI_RAYSAM_HOME"] = str(folder / "home")
@@ -54,7 +56,7 @@ def main() -> int:
     try:
         config = TrainConfig(data=str(train), storage=storage, model="random:vit_t", mode="decoder",
                              minutes=0.1, epochs=1000, workers=1, cpus_per_worker=2,
-                             run_name=f"startup-{int(time.time())}")
+                             run_name=f"startup-{int(time.time())}", launcher=args.launcher)
         client = RunClient(cluster)
         start = time.time()
         client.submit(config)

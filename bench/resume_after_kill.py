@@ -43,7 +43,8 @@ def scenario(client, cluster, train: Path, storage: Path, victim: str) -> dict:
     from napari_raysam.runs import MetricsReader, read_progress
 
     config = TrainConfig(data=str(train), storage=str(storage), model="random:vit_t", mode="decoder",
-                         epochs=EPOCHS, workers=1, cpus_per_worker=2, run_name=f"kill-{victim}-{int(time.time())}")
+                         epochs=EPOCHS, workers=1, cpus_per_worker=2, run_name=f"kill-{victim}-{int(time.time())}",
+                         launcher="ray-train")  # Ray Train's recovery is what is measured
     client.submit(config)
     metrics = MetricsReader(config.run_dir)
     _wait(lambda: len(metrics.read()) >= KILL_AFTER, f"{KILL_AFTER} epochs")

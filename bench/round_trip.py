@@ -163,12 +163,13 @@ def round_trip(args: argparse.Namespace, home: Path, separate) -> int:
         "export (annotations + embeddings into the dataset)": export_s,
         "connect + submit (click to job accepted, without export)": marks["submitted"] - click - export_s,
         "job pending (runtime env, driver start)": marks.get("running", marks["first_step"]) - marks["submitted"],
-        "Ray Train start, model load, embeddings, first step": marks["first_step"] - marks.get("running", marks["submitted"]),
+        "trainer start (driver or Ray Train), model load, embeddings, first step": marks["first_step"] - marks.get("running", marks["submitted"]),
         "training to the model folder seen (budget + validation + export)": marks["model_seen"] - marks["first_step"],
         "load into the annotator": marks["loaded"] - marks["model_seen"],
     }
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
-    print(f"cluster: {args.cluster}; model {args.model}; {args.frames} frames; budget {args.minutes} min")
+    launcher = json.loads((run_dir / "config.json").read_text())["launcher"]
+    print(f"cluster: {args.cluster} (launcher: {launcher}); model {args.model}; {args.frames} frames; budget {args.minutes} min")
     print(f"dock open -> connected (before the click): {connected_s:.1f} s")
     for name, seconds in phases.items():
         print(f"  {name}: {seconds:.1f} s")

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from backend.config import MODES, RECIPES, ConfigError, TrainConfig
+from backend.config import LAUNCHERS, MODES, RECIPES, ConfigError, TrainConfig
 from backend.dataset import DatasetError
 from backend.models import ModelError
 from backend.storage import StorageError, is_uri, location
@@ -87,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus-per-worker", type=int,
         help="CPU cores per worker, its PyTorch threads (default: this computer's cores / workers "
         "on the embedded cluster, 1 on a given cluster)",
+    )
+    train.add_argument(
+        "--launcher", choices=LAUNCHERS, default="auto",
+        help="who trains in the job: ray-train workers, or the job's driver itself (one worker, starts seconds "
+        "sooner; a failure ends the run, `runs resume` continues it); auto: driver for one worker on the embedded "
+        "cluster, else ray-train",
     )
     train.add_argument("--mode", choices=MODES, default="decoder")
     train.add_argument(
@@ -204,6 +210,7 @@ def _train(args: argparse.Namespace) -> int:
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(args.workers, local=not args.address),
         use_gpu=args.gpu,
+        launcher=args.launcher,
     )
     from backend.dataset import open_dataset
 

@@ -62,6 +62,28 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
     assert "RayTrainWorker" in started and "PreemptionWatcher" not in started
 
 
+def test_one_worker_on_the_embedded_cluster_trains_in_the_jobs_driver(ray_cluster, cell_dataset, tmp_path):
+    """One worker on this computer needs no Ray Train: the job's driver trains, with the worker's CPUs reserved,
+    so a second run waits for them instead of sharing the cores."""
+    submitted = time.time()
+    client = RunClient(ray_cluster)
+    first = submit(ray_cluster, cell_dataset, tmp_path, epochs=500, cpus_per_worker=2)  # the cluster's 2 CPUs
+    deadline = time.monotonic() + 120
+    while read_progress(first.run_dir) is None:
+        assert time.monotonic() < deadline, "the first run did not start training"
+        time.sleep(0.2)
+    second = submit(ray_cluster, cell_dataset, tmp_path, epochs=2, cpus_per_worker=2)
+    time.sleep(3)
+    assert client.info(second.run_name).state == RunState.PENDING
+    assert client.stop(first.run_name)
+    model = client.wait(second.run_name, poll_s=0.5)
+    assert load_model(model).meta["mode"] == "decoder"
+    assert [m["epoch"] for m in MetricsReader(second.run_dir).read()] == [0, 1]
+    assert json.loads((second.run_dir / "config.json").read_text())["launcher"] == "driver"  # a resume does the same
+    started = _actors_started(ray_cluster, since=submitted)
+    assert not started & {"TrainController", "RayTrainWorker"}, started
+
+
 def test_two_workers_train_full_mode_on_crops_with_a_distributed_sampler(ray_cluster, cell_dataset, tmp_path):
     config = submit(ray_cluster, cell_dataset, tmp_path, mode="full", workers=2, epochs=2, samples_per_epoch=4)
     updates = []
@@ -83,6 +105,19 @@ def _actors_started(cluster, since: float) -> set[str]:
         names.update(line.split(":actor_name:", 1)[1].strip()
                      for line in log.read_text(errors="replace").splitlines() if ":actor_name:" in line)
     return names
+
+
+def _driver_pid(cluster, run_name: str) -> int:
+    """The job's driver: the process running ``python -m backend train`` for ``run_name`` (a driver that
+    trains itself never connects to Ray, so Ray's job info does not name it)."""
+    for process in clusters.local_cluster_processes(cluster):
+        try:
+            command = " ".join(process.cmdline())
+        except psutil.Error:  # ended since it was listed
+            continue
+        if "backend train" in command and f'"run_name": "{run_name}"' in command:
+            return process.pid
+    raise AssertionError(f"no driver process of run {run_name}")
 
 
 def _train_worker_pids(cluster) -> list[int]:
@@ -119,18 +154,18 @@ def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_
     assert [m["epoch"] for m in meta["metrics"]["epochs"]] == list(range(6))
 
 
+@pytest.mark.parametrize("launcher", ["driver", "ray-train"])
 def test_a_killed_driver_fails_the_run_plainly_and_resume_continues_from_its_checkpoint(
-    ray_cluster, cell_dataset, tmp_path, capsys
+    ray_cluster, cell_dataset, tmp_path, capsys, launcher
 ):
-    config = submit(ray_cluster, cell_dataset, tmp_path, epochs=12)
+    config = submit(ray_cluster, cell_dataset, tmp_path, epochs=12, launcher=launcher)
     client = RunClient(ray_cluster)
     metrics = MetricsReader(config.run_dir)
     deadline = time.monotonic() + 300
     while not metrics.read():  # a metrics line is written once its epoch's checkpoint is stored
         assert time.monotonic() < deadline, "no epoch finished"
         time.sleep(0.1)
-    driver = int(client._jobs.get_job_info(config.run_name).driver_info.pid)
-    os.kill(driver, signal.SIGKILL)
+    os.kill(_driver_pid(ray_cluster, config.run_name), signal.SIGKILL)
 
     resume_hint = f"continue it with `napari-raysam runs resume {config.run_name}`"
     with pytest.raises(RunFailed, match=f"(?s)failed: its training driver process was killed \\(SIGKILL\\).*{resume_hint}"):

@@ -140,9 +140,9 @@ def test_a_missing_bucket_and_an_unreachable_store_are_said_plainly(
 @pytest.mark.ray
 def test_a_run_with_object_storage_trains_follows_fetches_and_resumes(bucket, ray_cluster, cell_dataset, tmp_path):
     storage = f"{bucket}/{tmp_path.name}"
-    config = TrainConfig(
+    config = TrainConfig(  # through Ray Train: its checkpoints go to the store by its own storage_filesystem
         data=str(cell_dataset), storage=storage, model="random:tiny", epochs=2, n_objects_per_batch=2,
-        n_sub_iteration=1,
+        n_sub_iteration=1, launcher="ray-train",
     )
     client = RunClient(ray_cluster)
     run = client.submit(config)

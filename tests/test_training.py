@@ -135,6 +135,8 @@ def test_a_split_without_objects_is_refused(tmp_path):
         ({"patch_shape": (32, 32)}, "patch_shape"),
         ({"mode": "lora", "model": "random:vit_t"}, "LoRA needs a ViT"),
         ({"run_name": "a/b"}, "run_name"),
+        ({"launcher": "driver", "workers": 2}, "use --launcher ray-train"),
+        ({"launcher": "slurm"}, "launcher must be one of"),
     ],
 )
 def test_config_errors_say_what_to_fix(overrides, message, tmp_path):

@@ -151,7 +151,7 @@ class RunClient:
         if resume and existing is not None and not existing.state.ended:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
-        config = self._with_reachable_data(config)
+        config = self._with_launcher(self._with_reachable_data(config))
         # exec: the driver is the process Ray Jobs started, not a child of its shell. Stopped at the
         # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
         # orphaned, holding the cluster's CPUs (seen when Cancel was pressed while the run was pending).
@@ -161,12 +161,18 @@ class RunClient:
             "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
             "mode": config.mode, "dataset": config.data, "images": "" if images is None else str(images),
         }
+        # a driver that trains reserves its worker's resources: the job waits (pending) until they are free
+        driver_resources = (
+            {"entrypoint_num_cpus": config.cpus_per_worker, "entrypoint_num_gpus": int(config.use_gpu)}
+            if config.launcher == "driver" else {}
+        )
         try:
             self._jobs.submit_job(
                 entrypoint=entrypoint,
                 submission_id=job_id,
                 runtime_env={"py_modules": [str(Path(backend.__file__).parent)], "env_vars": env_vars},
                 metadata=metadata,
+                **driver_resources,
             )
         except RuntimeError as error:
             raise RunError(_plain_job_error(error, name, self.cluster)) from error
@@ -340,6 +346,16 @@ class RunClient:
             return config
         fingerprint = open_dataset(config.data).fingerprint()
         return dataclasses.replace(config, data=upload_dataset(Path(config.data), fingerprint, config.storage))
+
+    def _with_launcher(self, config: TrainConfig) -> TrainConfig:
+        """``config`` with its launcher decided: ``auto`` trains one worker in the job's driver on a cluster
+        started on this computer (Ray Train's chain of processes cost seconds there and buys nothing for
+        one worker on one machine), in Ray Train workers otherwise. The run's ``config.json`` keeps the
+        choice, so a resume trains the same way."""
+        if config.launcher != "auto":
+            return config
+        in_driver = self.cluster.is_local and config.workers == 1
+        return dataclasses.replace(config, launcher="driver" if in_driver else "ray-train")
 
     def _latest_jobs(self) -> dict[str, RunInfo]:
         """Run name -> the newest of its jobs, for this project's jobs only."""
