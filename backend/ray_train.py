@@ -19,6 +19,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+import ray
 import ray.train
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -41,6 +42,8 @@ def train_loop_per_worker(config_values: dict) -> None:
     config = TrainConfig.from_dict(config_values)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
+    # Ray's node id, not Ray Train's node rank: that groups workers by IP, and nodes may share one
+    print(f"rank {rank} of {world_size} on Ray node {ray.get_runtime_context().get_node_id()[:12]}", flush=True)
     run = RunDirectory(config)
     tuner = SamFineTuner(
         config,

@@ -1,10 +1,13 @@
 """Ray's overhead per epoch against the plain PyTorch loop, on the same data and the same cores.
 
-The same decoder-mode run of random vit_t on the demo's HeLa training frames, five ways:
+The same decoder-mode run of random vit_t on the demo's HeLa training frames, seven ways:
 - plain: ``python -m backend train --no-ray`` (our fine-tuner in one process, 2 PyTorch threads,
   the epoch state saved to the run folder as a Ray checkpoint is);
 - Ray Train, 1 worker with 2 CPUs, on a fresh embedded cluster;
 - Ray Train, 2 workers with 1 CPU each (DDP over gloo), same cluster;
+- the job's driver training itself (``launcher="driver"``, the embedded default for 1 worker), 2 CPUs;
+- Ray Train, 2 workers with 1 CPU each on 2 nodes of this machine (a 1-CPU head and a 1-CPU node
+  joined with ``napari_raysam.cluster.add_local_node``): DDP between nodes over 127.0.0.1;
 - and, to part Ray Train's own cost from the cores it shares with Ray's processes, the plain loop
   with 1 thread against Ray Train's 1 worker with 1 CPU (Ray gives it 1 thread).
 The 2-thread plain run goes first and last, so drift in the machine's speed shows. An epoch's time is the
@@ -76,11 +79,12 @@ def plain(config, epochs: int, threads: int) -> dict:
     return result
 
 
-def with_ray(client, config, epochs: int) -> dict:
+def with_ray(client, config, epochs: int, where: str = "") -> dict:
     client.submit(config)
     between, trainer = epoch_times(config.run_dir, epochs, lambda: client.info(config.run_name).state.ended)
     client.wait(config.run_name, poll_s=0.5)
-    return summary(f"Ray Train, {config.workers} worker(s) x {config.cpus_per_worker} CPU", between, trainer)
+    who = "Ray Train" if config.launcher == "ray-train" else "the job's driver"
+    return summary(f"{who}, {config.workers} worker(s) x {config.cpus_per_worker} CPU{where}", between, trainer)
 
 
 def main() -> int:
@@ -92,7 +96,7 @@ def main() -> int:
     os.environ["NAPARI_RAYSAM_HOME"] = str(folder / "home")
     from backend.config import TrainConfig
     from common import hela_dataset, machine
-    from napari_raysam.cluster import start_local_cluster, stop_local_cluster
+    from napari_raysam.cluster import add_local_node, start_local_cluster, stop_local_cluster
     from napari_raysam.runs import RunClient
 
     print(machine(), "| load:", os.getloadavg(), flush=True)
@@ -100,8 +104,7 @@ def main() -> int:
 
     def config(name: str, **layout) -> TrainConfig:  # one storage: the embeddings are computed once
         return TrainConfig(data=str(data), storage=str(folder / "runs"), model="random:vit_t", mode="decoder",
-                           epochs=args.epochs, run_name=f"{name}-{int(time.time())}", launcher="ray-train",
-                           **layout)
+                           epochs=args.epochs, run_name=f"{name}-{int(time.time())}", **{"launcher": "ray-train", **layout})
 
     two_threads = [plain(config("plain"), args.epochs, threads=2)]
     one_thread = [plain(config("plain1"), args.epochs, threads=1)]
@@ -111,6 +114,17 @@ def main() -> int:
         two_threads.append(with_ray(client, config("ray1", workers=1, cpus_per_worker=2), args.epochs))
         two_threads.append(with_ray(client, config("ray2", workers=2, cpus_per_worker=1), args.epochs))
         one_thread.append(with_ray(client, config("ray1x1", workers=1, cpus_per_worker=1), args.epochs))
+        two_threads.append(
+            with_ray(client, config("driver1", workers=1, cpus_per_worker=2, launcher="driver"), args.epochs)
+        )
+    finally:
+        stop_local_cluster(cluster)
+    cluster = start_local_cluster(num_cpus=1)  # and a second node of 1 CPU: one worker on each
+    try:
+        add_local_node(cluster, num_cpus=1)
+        two_threads.append(
+            with_ray(RunClient(cluster), config("nodes2", workers=2, cpus_per_worker=1), args.epochs, ", 2 nodes")
+        )
     finally:
         stop_local_cluster(cluster)
     two_threads.append(plain(config("plain-again"), args.epochs, threads=2))

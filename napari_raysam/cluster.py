@@ -235,6 +235,41 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
     return cluster
 
 
+# `ray start --address` refuses to join a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the setting that
+# keeps our ports on 127.0.0.1. In Ray the setting does just two things: that refusal, and a node IP of
+# 127.0.0.1 (`services.get_node_ip_address`). This runs `ray start` with the refusal lifted and the
+# loopback IP kept; the node's own processes get the setting from the environment, as the head's do.
+_START_ON_LOOPBACK = (
+    "import sys; import ray._private.ray_constants as constants, ray._private.services as services; "
+    "from ray._common.network_utils import get_localhost_ip; "
+    "constants.ENABLE_RAY_CLUSTER = True; services.get_node_ip_address = lambda address=None: get_localhost_ip(); "
+    "from ray.scripts.scripts import main; sys.argv[0] = 'ray'; main()"
+)
+
+
+def add_local_node(cluster: Cluster, num_cpus: int, timeout: float = 120.0) -> None:
+    """Join one more Ray node on this computer to the embedded ``cluster``: a raylet, object store and
+    ``num_cpus`` of its own, every port on 127.0.0.1, the cluster's token. For trying a multi-node layout
+    (Ray Train's workers on different nodes, DDP between them) on one machine; ``stop_local_cluster``
+    stops it with the rest (its processes name the cluster's GCS address)."""
+    if not cluster.gcs_address:
+        raise ClusterError("a node can join only the embedded cluster started on this computer")
+    command = [
+        sys.executable, "-c", _START_ON_LOOPBACK, "start", f"--address={cluster.gcs_address}",
+        "--node-ip-address=127.0.0.1", f"--num-cpus={num_cpus}",
+        f"--dashboard-agent-listen-port={_free_port()}", "--disable-usage-stats",
+    ]
+    # its daemons keep the output pipes open after `ray start` returns: a log file, not a pipe
+    with tempfile.TemporaryFile("w+") as output:
+        result = subprocess.run(
+            command, env=local_environment(state_dir() / "auth_token"), stdout=output, stderr=subprocess.STDOUT,
+            timeout=timeout,
+        )
+        if result.returncode != 0:
+            output.seek(0)
+            raise ClusterError(f"adding a node to the local Ray cluster failed:\n{output.read()[-2000:]}")
+
+
 def local_cluster_processes(cluster: Cluster) -> list[psutil.Process]:
     """Processes of the embedded cluster: those whose command line names its temp folder or GCS address,
     and their children."""

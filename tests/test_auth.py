@@ -6,13 +6,13 @@ import logging
 import os
 import time
 
-import psutil
 import pytest
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 from backend import atomic
 from napari_raysam import auth
 from napari_raysam import cluster as clusters
+from ray_processes import listening_sockets, or_empty
 
 # A job whose driver and one worker stay up until it is stopped, so their sockets can be listed.
 HOLDING_JOB = (
@@ -28,14 +28,6 @@ def _wait_for(client: JobSubmissionClient, job_id: str, done, timeout: float = 1
         assert not status.is_terminal() or done(client, job_id), client.get_job_logs(job_id)
         assert time.monotonic() < deadline, f"job {job_id} is {status}: {client.get_job_logs(job_id)}"
         time.sleep(0.5)
-
-
-def _or_empty(read):
-    """``read()``, or nothing for a process that ended meanwhile (a worker the job no longer needs)."""
-    try:
-        return read()
-    except psutil.NoSuchProcess:
-        return []
 
 
 @pytest.mark.ray
@@ -61,12 +53,8 @@ def test_every_port_of_the_embedded_cluster_is_on_loopback_with_a_job_running(ra
     try:
         _wait_for(client, job_id, lambda c, j: "ready" in c.get_job_logs(j))
         processes = clusters.local_cluster_processes(ray_cluster)
-        driver = {p.pid for p in processes if "print('ready'" in " ".join(_or_empty(p.cmdline)) and p.name().startswith("python")}
-        listening = [  # (ip, pid, name) of each socket that takes connections or datagrams from others
-            (connection.laddr.ip, process.pid, process.name())
-            for process in processes for connection in _or_empty(lambda: process.net_connections("inet"))
-            if connection.status == psutil.CONN_LISTEN or (connection.status == psutil.CONN_NONE and not connection.raddr)
-        ]
+        driver = {p.pid for p in processes if "print('ready'" in " ".join(or_empty(p.cmdline)) and p.name().startswith("python")}
+        listening = listening_sockets(processes)
         names = {name for _, _, name in listening}
         assert {"gcs_server", "raylet", "ray::IDLE"} <= names, names  # head, node and the job's worker were found
         assert driver, "the job's driver is not among the cluster's processes, so its sockets went unchecked"

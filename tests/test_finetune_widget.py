@@ -39,11 +39,29 @@ def write_settings(tmp_path, cluster, **values) -> None:
     (tmp_path / "state" / SETTINGS_FILE).write_text(json.dumps(settings))
 
 
+def use_as_embedded(tmp_path, cluster) -> None:
+    """Record the session's cluster as this test's embedded one, so an empty address reuses it (as the
+    dock reuses the cluster an earlier napari session started) instead of starting another."""
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / "auth_token").write_text(cluster.token)
+    record = {"dashboard_url": cluster.dashboard_url, "temp_dir": cluster.temp_dir,
+              "gcs_address": cluster.gcs_address, "token_path": str(state / "auth_token")}
+    (state / "local_cluster.json").write_text(json.dumps(record))
+
+
 @pytest.fixture
-def docks(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch):
-    """A viewer with both docks; the annotator has committed reference objects on 3 slices."""
-    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
-    write_settings(tmp_path, ray_cluster)
+def docks(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch, request):
+    """A viewer with both docks; the annotator has committed reference objects on 3 slices.
+
+    The dock's address is the cluster's, typed in; parametrized with "embedded" it is empty (the
+    default: the cluster started on this computer, whose one-worker runs the job's driver trains)."""
+    if getattr(request, "param", None) == "embedded":
+        use_as_embedded(tmp_path, ray_cluster)
+        write_settings(tmp_path, ray_cluster, address="")
+    else:
+        monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
+        write_settings(tmp_path, ray_cluster)
     viewer = make_napari_viewer(show=True)
     annotator = AnnotatorWidget(viewer, cache_dir=tmp_path / "cache")
     viewer.window.add_dock_widget(annotator, name="SAM annotator")
@@ -74,6 +92,7 @@ def wait_until_ended(qtbot, dock: FinetuneWidget) -> RunState:
     return dock.last_update.state
 
 
+@pytest.mark.parametrize("docks", ["embedded"], indirect=True)
 def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(docks, qtbot, tmp_path):
     viewer, annotator, dock = docks
     click(qtbot, dock.finetune_button)
@@ -90,6 +109,8 @@ def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(dock
     assert "before training ->" in dock.result_label.text()  # the base model's validation, then the kept epoch's
     qtbot.waitUntil(lambda: dock.history_table.rowCount() == 1)
     assert dock.history_table.item(0, 0).text() == dock.run_name and dock.history_table.item(0, 4).text() == "3"
+    config = json.loads((tmp_path / "runs" / dock.run_name / "config.json").read_text())
+    assert config["launcher"] == "driver"  # one worker on the embedded cluster: no Ray Train processes to wait for
 
     dataset = open_dataset(tmp_path / "annotations.zarr")
     assert len(dataset.sample_ids()) == 3 and dataset.sample_ids("val")
