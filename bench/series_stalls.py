@@ -14,7 +14,9 @@ longest stall. Three phases:
 2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
    frame is embedded, the series row computes the next one's embeddings in the background, then
    *Next* (N) until the next frame is ready and a point prompt has been answered, ``--steps`` times:
-   the longest stall and the time from *Next* to the first answered prompt (goal <= 0.3 s);
+   the longest stall and the time from *Next* to the first answered prompt (goal <= 0.3 s); before
+   that, ``--prompts`` prompts on the first frame at once after it is embedded, answered while the
+   series row reads ahead and ranks the other frames behind them;
 3. **automatic segmentation** of the last frame shown (point grid, ``--grid`` points per side).
 
     xvfb-run -a .venv/bin/python bench/series_stalls.py [--side 10000] [--steps 3] [--grid 16]
@@ -125,7 +127,34 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     return figures
 
 
-def series(viewer, widget, loop: EventLoop, steps: int, grid: int) -> dict:
+def prompts_behind(widget, loop: EventLoop, labels: np.ndarray, count: int) -> dict:
+    """``count`` point prompts on the first frame, one object's centre each, at once after it is embedded,
+    while the series row reads the next frame ahead and ranks the others (its background worker):
+    the time from each prompt to its answer on screen, and whether the row was working then."""
+    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+
+    ids = np.unique(labels)[1:]
+    answers, behind, stalls = [], [], []
+    for k in range(count):
+        centre = np.argwhere(labels == ids[k * len(ids) // count]).mean(axis=0)
+
+        def prompt() -> None:
+            behind.append(widget.series._worker is not None)
+            widget.viewer.layers[POINTS_LAYER].data = centre[None]
+            widget.segment()
+
+        step = loop.run_until(
+            prompt, lambda: widget._worker is None and widget.viewer.layers[CURRENT_LAYER].data.shape == labels.shape
+        )
+        answers.append(step["action_to_done_s"])
+        stalls.append(step["max_stall_ms"])
+        widget.clear_prompts()
+    working = [a for a, b in zip(answers, behind) if b]
+    return {"answers_s": answers, "row_working_behind": behind, "max_stall_ms": max(stalls),
+            "median_answer_while_working_s": float(np.median(working)) if working else None}
+
+
+def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int) -> dict:
     from napari_raysam.demo import hela_frames
     from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
 
@@ -136,7 +165,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int) -> dict:
     loop.run_until(widget.load_model, lambda: widget._worker is None)
     viewer.dims.set_point(0, 0)
     loop.run_until(widget.compute_embeddings, lambda: widget._worker is None)
-    figures: dict = {"next": []}
+    figures: dict = {"prompts_while_the_row_works_behind": prompts_behind(widget, loop, labels[0], prompts), "next": []}
     for _ in range(steps):
         loop.run_until(lambda: None, lambda: widget._worker is None and widget.series._worker is None)  # next one ready
         z = widget._plane_index[0] + 1
@@ -171,6 +200,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image (0: skip that phase)")
     parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed")
     parser.add_argument("--grid", type=int, default=16, help="automatic segmentation's points per side")
+    parser.add_argument("--prompts", type=int, default=12, help="prompts on the first frame while the row works behind")
     args = parser.parse_args()
     os.environ.setdefault("NAPARI_RAYSAM_HOME", tempfile.mkdtemp(prefix="series-stalls-"))
     import napari
@@ -190,7 +220,7 @@ def main() -> None:
     if args.side:
         result["large_image"] = large_image(viewer, widget, loop, image)
     print(json.dumps(result, indent=1), flush=True)
-    result["series"] = series(viewer, widget, loop, args.steps, args.grid)
+    result["series"] = series(viewer, widget, loop, args.steps, args.grid, args.prompts)
     result["goals_ms"] = GOALS_MS
     print(json.dumps(result, indent=1), flush=True)
     viewer.close()

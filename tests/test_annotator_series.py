@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import threading
+
 import numpy as np
 from qtpy.QtCore import Qt
 
 from napari_raysam.annotator.image_source import sam_rgb
+from napari_raysam.widgets import annotator_series
 from napari_raysam.widgets.annotator import COMMITTED_LAYER, POINTS_LAYER, AnnotatorWidget
 from synthetic import synthetic_cells
 from test_annotator_widget import WORKER_TIMEOUT_MS, annotator, click, embed, press, propose_square, wait_for_worker  # noqa: F401 (annotator: the fixture)
@@ -108,3 +112,28 @@ def test_an_hpa_folder_series_counts_what_an_earlier_session_annotated(make_napa
             viewer.screenshot(path, canvas_only=False)
             assert widget.series.isVisible() and widget.series.next_button.width() >= 40
         viewer.close()
+
+
+def test_the_series_works_ahead_at_the_lowest_cpu_priority(annotator, qtbot, monkeypatch):
+    """The next image's embeddings (and the ranking) yield the cores to what the user waits for: the prompt
+    on the image shown is answered on napari's threads at normal priority."""
+    viewer, widget = annotator
+    niceness = []  # of the thread that makes the next image ready
+    make_ready = annotator_series.prepare_plane
+    monkeypatch.setattr(annotator_series, "prepare_plane", lambda *args: (
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), make_ready(*args))[1])
+    rng = np.random.default_rng(2)
+    stack = np.stack([synthetic_cells(rng, shape=(96, 96), n_channels=1, n_cells=3)[0][0] for _ in range(3)])
+    viewer.add_image(stack, name="frames")
+    widget.image.layout_combo.setCurrentIndex(0)  # slices
+    embed(qtbot, widget)
+    wait_until_idle(qtbot, widget)
+    assert widget.session.is_cached(sam_rgb(stack[2], (0,)))  # made ready behind
+    assert niceness and set(niceness) == {19}
+    answered_at = []
+    monkeypatch.setattr(widget.session, "segment_objects", lambda *args, real=widget.session.segment_objects: (
+        answered_at.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), real(*args))[1])
+    viewer.layers[POINTS_LAYER].add([48, 48])
+    click(qtbot, widget.segment_button)
+    wait_for_worker(qtbot, widget)
+    assert answered_at == [0] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0

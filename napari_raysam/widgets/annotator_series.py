@@ -10,15 +10,22 @@ then, one plane at a time, it scores how unsure the current model is about each 
 annotated (``SamSession.uncertainty``), which *Suggested* goes to. Each background task is one
 plane, so the next plane's read-ahead never waits behind the whole ranking; a new model (a
 fine-tune loaded) ranks the series again.
+
+That work runs on a thread of its own at the lowest CPU priority (niceness 19; PyTorch's OpenMP
+threads, started from it, inherit it), so a prompt on the plane shown, answered on napari's
+thread pool at normal priority, gets the cores first instead of sharing them with the next
+plane's image encoder or the ranking.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import TYPE_CHECKING
 
 from napari.qt.threading import create_worker
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QThreadPool, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
 
 from napari_raysam.annotator.image_source import ImageError
@@ -38,6 +45,29 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SHORTCUTS = {"next": "N", "previous": "Shift-N", "suggested": "G"}  # free in napari's keymap and the dock's
+
+
+_BACKGROUND_NICENESS = 19
+_background_pool: QThreadPool | None = None
+
+
+def _background(task):
+    """``task`` to run on the series' own background thread: one thread for every dock, kept alive (its
+    OpenMP threads with it), at the lowest CPU priority from its first task on."""
+    global _background_pool
+    if _background_pool is None:
+        _background_pool = QThreadPool()
+        _background_pool.setMaxThreadCount(1)
+        _background_pool.setExpiryTimeout(-1)  # a new thread would start new OpenMP threads
+
+    def at_low_priority():
+        try:  # on Linux a thread's own niceness; threads it starts afterwards inherit it
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICENESS)
+        except (AttributeError, OSError):  # Windows has no niceness; the work runs at normal priority
+            pass
+        return task()
+
+    return _background_pool, at_low_priority
 
 
 class SeriesPanel(QWidget):
@@ -268,12 +298,13 @@ class SeriesPanel(QWidget):
 
     def _start(self, task, done) -> None:
         series = self._series
+        pool, task = _background(task)
         worker = create_worker(task, _start_thread=False, _ignore_errors=True)  # _failed handles errors
         worker.returned.connect(lambda result: done(result) if series == self._series and not self._closed else None)
         worker.errored.connect(self._failed)
         worker.finished.connect(self._finished)
-        self._worker = worker
-        worker.start()
+        self._worker = worker  # held here until it finished, as napari's own pool holds its workers
+        pool.start(worker)
 
     def _check_done(self, annotated: list[bool]) -> None:
         self._checked = annotated
