@@ -72,6 +72,8 @@ def test_one_worker_on_the_embedded_cluster_trains_in_the_jobs_driver(ray_cluste
     while read_progress(first.run_dir) is None:
         assert time.monotonic() < deadline, "the first run did not start training"
         time.sleep(0.2)
+    # at a Ray worker's niceness, as a Ray Train worker would be: napari beside it keeps the cores first
+    assert psutil.Process(_driver_pid(ray_cluster, first.run_name)).nice() == 15
     second = submit(ray_cluster, cell_dataset, tmp_path, epochs=2, cpus_per_worker=2)
     time.sleep(3)
     assert client.info(second.run_name).state == RunState.PENDING
