@@ -185,6 +185,22 @@ def test_a_killed_driver_fails_the_run_plainly_and_resume_continues_from_its_che
     assert client.info(config.run_name).state == RunState.SUCCEEDED
 
 
+def test_a_run_from_before_the_launcher_setting_resumes_under_ray_train_from_its_checkpoint(
+    ray_cluster, cell_dataset, tmp_path
+):
+    config = submit(ray_cluster, cell_dataset, tmp_path, epochs=2, launcher="ray-train")
+    client = RunClient(ray_cluster)
+    client.wait(config.run_name, poll_s=0.5)
+    stored = json.loads((config.run_dir / "config.json").read_text())
+    del stored["launcher"]  # as an earlier version wrote it
+    (config.run_dir / "config.json").write_text(json.dumps(stored))
+    client.resume(config.run_name, epochs=3)
+    updates = []
+    client.wait(config.run_name, on_update=updates.append, poll_s=0.5)
+    assert "resuming after epoch 1" in "".join(update.new_log for update in updates)
+    assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1, 2]
+
+
 def test_a_detached_job_can_be_stopped_and_following_it_says_so(ray_cluster, cell_dataset, tmp_path, capsys):
     address = ["--address", ray_cluster.dashboard_url, "--token", ray_cluster.token]
     storage = tmp_path / "runs"

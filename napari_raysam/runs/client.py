@@ -151,6 +151,8 @@ class RunClient:
         if resume and existing is not None and not existing.state.ended:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
+        if resume and has_files and config.launcher == "auto":
+            config = dataclasses.replace(config, launcher=_launcher_of(config.run_dir))
         config = self._with_launcher(self._with_reachable_data(config))
         # exec: the driver is the process Ray Jobs started, not a child of its shell. Stopped at the
         # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
@@ -394,6 +396,14 @@ class RunClient:
                 log = ["(the log could not be read)"]
         last = "\n".join(log[-30:])
         return f"run '{run.name}' failed: {_plain_reason(reason, log)}\nlast lines of its log:\n{last}"
+
+
+def _launcher_of(run_dir: Location) -> str:
+    """How the run in ``run_dir`` trained, so that a resume finds its checkpoints (Ray Train's folders, or
+    the driver's ``resume_state.pt``). Runs from before the driver launcher, and ``auto`` as the job's
+    driver reads it, trained under Ray Train."""
+    launcher = json.loads((run_dir / CONFIG_FILE).read_text()).get("launcher", "ray-train")
+    return "ray-train" if launcher == "auto" else launcher
 
 
 def _plain_reason(reason: str, log: list[str]) -> str:
