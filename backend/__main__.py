@@ -12,25 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from backend.config import ConfigError, TrainConfig
+from backend.cpu_priority import RAY_WORKER_NICENESS, lower_cpu_priority
 from backend.storage import StorageError
-
-
-RAY_WORKER_NICENESS = 15
-"""Ray starts its worker processes (a Ray Train worker among them) at this niceness."""
-
-
-def _lower_priority_like_a_ray_worker() -> None:
-    """Train at the niceness of a Ray worker, as a Ray Train worker would: on a desktop the annotator
-    beside the run keeps the cores first. Before PyTorch starts its threads: they inherit it."""
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, 0)
-        os.setpriority(os.PRIO_PROCESS, 0, max(current, RAY_WORKER_NICENESS))
-    except (AttributeError, OSError):  # no niceness on Windows
-        pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,14 +36,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.no_ray or config.launcher == "driver":
-            if not args.no_ray:
-                _lower_priority_like_a_ray_worker()
-            import torch
+            if not args.no_ray:  # the job's driver trains, as a Ray Train worker would: at its niceness, so
+                # napari beside the run keeps the cores first, on the CPUs the job reserved (entrypoint_num_cpus)
+                lower_cpu_priority(RAY_WORKER_NICENESS)
+                import torch
 
+                torch.set_num_threads(config.cpus_per_worker)
             from backend.training import train as train_locally
 
-            if not args.no_ray:  # the job reserved this many CPUs for its driver (entrypoint_num_cpus)
-                torch.set_num_threads(config.cpus_per_worker)
             model = train_locally(config)
         else:
             import ray

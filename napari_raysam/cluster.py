@@ -227,12 +227,18 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
                     f"see the logs in {temp_dir}/session_latest/logs"
                 )
             time.sleep(0.5)
+    record_local_cluster(cluster, token_path)
+    return cluster
+
+
+def record_local_cluster(cluster: Cluster, token_path: Path) -> None:
+    """Record ``cluster`` (its token in ``token_path``) as the embedded one of the state folder, so that
+    ``running_local_cluster`` (and so the dock and the CLI without an address) finds and reuses it."""
     state = {
-        "dashboard_url": cluster.dashboard_url, "temp_dir": temp_dir,
+        "dashboard_url": cluster.dashboard_url, "temp_dir": cluster.temp_dir,
         "gcs_address": cluster.gcs_address, "token_path": str(token_path),
     }
     _state_file().write_text(json.dumps(state))
-    return cluster
 
 
 # `ray start --address` refuses to join a node while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, the setting that

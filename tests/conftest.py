@@ -11,6 +11,7 @@ import torch
 
 from backend.dataset import write_samples
 from backend.models import build_sam
+from ray_processes import state_folder
 from synthetic import cell_samples
 
 # Every Ray port on 127.0.0.1 (see DESIGN.md); set before any test starts Ray.
@@ -55,13 +56,8 @@ def ray_cluster(tmp_path_factory):
     """This test session's own Ray head on 127.0.0.1 (2 CPUs), stopped by its processes' ids."""
     from napari_raysam import cluster as clusters
 
-    home = tmp_path_factory.mktemp("ray_state")
-    previous = os.environ.get("NAPARI_RAYSAM_HOME")
-    os.environ["NAPARI_RAYSAM_HOME"] = str(home)
-    try:
+    with state_folder(tmp_path_factory.mktemp("ray_state")):
         cluster = clusters.start_local_cluster(num_cpus=2)
-    finally:
-        os.environ.pop("NAPARI_RAYSAM_HOME") if previous is None else os.environ.update(NAPARI_RAYSAM_HOME=previous)
     yield cluster
     clusters.stop_local_cluster(cluster)
 

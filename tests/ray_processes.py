@@ -1,8 +1,25 @@
-"""What the tests look at in a local Ray cluster's processes."""
+"""Local Ray clusters in the tests: the state folder they are started in, what the tests look at in their processes."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
 import psutil
+
+
+@contextlib.contextmanager
+def state_folder(home: Path) -> Iterator[None]:
+    """``$NAPARI_RAYSAM_HOME`` is ``home`` meanwhile: an embedded cluster started (or a node joined) in it
+    keeps its token and record there, whatever the test's own state folder is."""
+    previous = os.environ.get("NAPARI_RAYSAM_HOME")
+    os.environ["NAPARI_RAYSAM_HOME"] = str(home)
+    try:
+        yield
+    finally:
+        os.environ.pop("NAPARI_RAYSAM_HOME") if previous is None else os.environ.update(NAPARI_RAYSAM_HOME=previous)
 
 
 def or_empty(read):

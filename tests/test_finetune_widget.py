@@ -14,6 +14,7 @@ import pytest
 from qtpy.QtCore import Qt
 
 from backend.dataset import open_dataset
+from napari_raysam import cluster as clusters
 from napari_raysam.finetune import SETTINGS_FILE
 from napari_raysam.runs import RunState
 from napari_raysam.widgets.annotator import COMMITTED_LAYER, CURRENT_LAYER, AnnotatorWidget
@@ -42,12 +43,10 @@ def write_settings(tmp_path, cluster, **values) -> None:
 def use_as_embedded(tmp_path, cluster) -> None:
     """Record the session's cluster as this test's embedded one, so an empty address reuses it (as the
     dock reuses the cluster an earlier napari session started) instead of starting another."""
-    state = tmp_path / "state"
+    state = tmp_path / "state"  # this test's state folder (conftest's isolated_state)
     state.mkdir(exist_ok=True)
     (state / "auth_token").write_text(cluster.token)
-    record = {"dashboard_url": cluster.dashboard_url, "temp_dir": cluster.temp_dir,
-              "gcs_address": cluster.gcs_address, "token_path": str(state / "auth_token")}
-    (state / "local_cluster.json").write_text(json.dumps(record))
+    clusters.record_local_cluster(cluster, state / "auth_token")
 
 
 @pytest.fixture

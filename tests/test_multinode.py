@@ -3,7 +3,6 @@ auth on), one CPU each, so Ray Train can only place a 2-worker run with one work
 
 from __future__ import annotations
 
-import os
 import re
 
 import pytest
@@ -13,7 +12,7 @@ from backend.models import load_model
 from napari_raysam import auth
 from napari_raysam import cluster as clusters
 from napari_raysam.runs import MetricsReader, RunClient, RunState
-from ray_processes import listening_sockets
+from ray_processes import listening_sockets, state_folder
 
 pytestmark = pytest.mark.ray
 
@@ -21,17 +20,13 @@ pytestmark = pytest.mark.ray
 @pytest.fixture(scope="module")
 def two_nodes(tmp_path_factory):
     """A cluster of its own (not the session's): a 1-CPU head and a 1-CPU node, stopped by their processes' ids."""
-    previous = os.environ.get("NAPARI_RAYSAM_HOME")
-    os.environ["NAPARI_RAYSAM_HOME"] = str(tmp_path_factory.mktemp("two_nodes"))
-    try:
+    with state_folder(tmp_path_factory.mktemp("two_nodes")):
         cluster = clusters.start_local_cluster(num_cpus=1)
         try:
             clusters.add_local_node(cluster, num_cpus=1)
         except BaseException:
             clusters.stop_local_cluster(cluster)
             raise
-    finally:
-        os.environ.pop("NAPARI_RAYSAM_HOME") if previous is None else os.environ.update(NAPARI_RAYSAM_HOME=previous)
     yield cluster
     clusters.stop_local_cluster(cluster)
 

@@ -109,28 +109,29 @@ def _actors_started(cluster, since: float) -> set[str]:
     return names
 
 
-def _driver_pid(cluster, run_name: str) -> int:
-    """The job's driver: the process running ``python -m backend train`` for ``run_name`` (a driver that
-    trains itself never connects to Ray, so Ray's job info does not name it)."""
-    for process in clusters.local_cluster_processes(cluster):
-        try:
-            command = " ".join(process.cmdline())
-        except psutil.Error:  # ended since it was listed
-            continue
-        if "backend train" in command and f'"run_name": "{run_name}"' in command:
-            return process.pid
-    raise AssertionError(f"no driver process of run {run_name}")
-
-
-def _train_worker_pids(cluster) -> list[int]:
+def _pids_running(cluster, *parts: str) -> list[int]:
+    """The cluster's processes whose command line holds every one of ``parts``."""
     pids = []
     for process in clusters.local_cluster_processes(cluster):
         try:
-            if "RayTrainWorker" in " ".join(process.cmdline()):
-                pids.append(process.pid)
+            command = " ".join(process.cmdline())
         except psutil.Error:  # ended (or a zombie) since it was listed
             continue
+        if all(part in command for part in parts):
+            pids.append(process.pid)
     return pids
+
+
+def _driver_pid(cluster, run_name: str) -> int:
+    """The job's driver: the process running ``python -m backend train`` for ``run_name`` (a driver that
+    trains itself never connects to Ray, so Ray's job info does not name it)."""
+    pids = _pids_running(cluster, "backend train", f'"run_name": "{run_name}"')
+    assert pids, f"no driver process of run {run_name}"
+    return pids[0]
+
+
+def _train_worker_pids(cluster) -> list[int]:
+    return _pids_running(cluster, "RayTrainWorker")
 
 
 def test_training_resumes_from_the_last_checkpoint_after_a_worker_is_killed(ray_cluster, cell_dataset, tmp_path):

@@ -151,9 +151,7 @@ class RunClient:
         if resume and existing is not None and not existing.state.ended:
             raise RunError(f"run '{name}' is still {existing.state.value}: follow it instead of resuming it")
         job_id = name if existing is None else f"{name}-resume-{int(time.time())}"
-        if resume and has_files and config.launcher == "auto":
-            config = dataclasses.replace(config, launcher=_launcher_of(config.run_dir))
-        config = self._with_launcher(self._with_reachable_data(config))
+        config = self._with_launcher(self._with_reachable_data(config), resumed=resume and has_files)
         # exec: the driver is the process Ray Jobs started, not a child of its shell. Stopped at the
         # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
         # orphaned, holding the cluster's CPUs (seen when Cancel was pressed while the run was pending).
@@ -349,15 +347,18 @@ class RunClient:
         fingerprint = open_dataset(config.data).fingerprint()
         return dataclasses.replace(config, data=upload_dataset(Path(config.data), fingerprint, config.storage))
 
-    def _with_launcher(self, config: TrainConfig) -> TrainConfig:
-        """``config`` with its launcher decided: ``auto`` trains one worker in the job's driver on a cluster
+    def _with_launcher(self, config: TrainConfig, resumed: bool) -> TrainConfig:
+        """``config`` with its launcher decided. ``auto`` trains one worker in the job's driver on a cluster
         started on this computer (Ray Train's chain of processes cost seconds there and buys nothing for
-        one worker on one machine), in Ray Train workers otherwise. The run's ``config.json`` keeps the
-        choice, so a resume trains the same way."""
+        one worker on one machine), in Ray Train workers otherwise; a ``resumed`` run trains the way it
+        started, where its checkpoints are (the run's ``config.json`` keeps the choice)."""
         if config.launcher != "auto":
             return config
-        in_driver = self.cluster.is_local and config.workers == 1
-        return dataclasses.replace(config, launcher="driver" if in_driver else "ray-train")
+        if resumed:
+            launcher = _launcher_of(config.run_dir)
+        else:
+            launcher = "driver" if self.cluster.is_local and config.workers == 1 else "ray-train"
+        return dataclasses.replace(config, launcher=launcher)
 
     def _latest_jobs(self) -> dict[str, RunInfo]:
         """Run name -> the newest of its jobs, for this project's jobs only."""

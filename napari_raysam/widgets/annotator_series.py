@@ -20,14 +20,13 @@ plane's image encoder or the ranking.
 from __future__ import annotations
 
 import logging
-import os
-import threading
 from typing import TYPE_CHECKING
 
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QThreadPool, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
 
+from backend.cpu_priority import LOWEST, lower_cpu_priority
 from napari_raysam.annotator.image_source import ImageError
 from napari_raysam.annotator.series import (
     PreparedPlane,
@@ -47,7 +46,6 @@ log = logging.getLogger(__name__)
 SHORTCUTS = {"next": "N", "previous": "Shift-N", "suggested": "G"}  # free in napari's keymap and the dock's
 
 
-_BACKGROUND_NICENESS = 19
 _background_pool: QThreadPool | None = None
 
 
@@ -61,10 +59,7 @@ def _background(task):
         _background_pool.setExpiryTimeout(-1)  # a new thread would start new OpenMP threads
 
     def at_low_priority():
-        try:  # on Linux a thread's own niceness; threads it starts afterwards inherit it
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), _BACKGROUND_NICENESS)
-        except (AttributeError, OSError):  # Windows has no niceness; the work runs at normal priority
-            pass
+        lower_cpu_priority(LOWEST)
         return task()
 
     return _background_pool, at_low_priority
