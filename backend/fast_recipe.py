@@ -9,11 +9,17 @@ image embedding per prompt); later prompting rounds add one corrective click per
 the previous prediction is wrong. Each round is backpropagated as soon as it is computed, so
 the memory held is that of one round, not of all rounds.
 
-Loss, per object: Dice over the whole logit grid plus binary cross-entropy over a window
-around the object (its box grown by half its size on each side), plus the IoU head's MSE.
-Cross-entropy over the whole 256 x 256 grid is what collapses a randomly initialised decoder
-to empty masks: a HeLa cell covers ~0.2 % of it, so "all background" is a good answer; inside
-the window foreground and background weigh about the same. Point prompts use SAM's
+Each object's pass runs over a window of the image tokens around it, plus ``FAR_ROWS`` rows of
+tokens drawn from the rest of the image: the decoder's upscaling is per token, so a window is a
+set of tokens to it, and the far ones teach that pixels away from the object are background.
+Without them nothing ever did, and after training the whole-image decoder (the annotator's)
+spread a box's mask over the whole frame.
+
+Loss, per object: Dice over the decoded pixels plus binary cross-entropy over the loss window
+around the object (its box grown by half its size on each side) and the far rows, the object's
+pixels and the others weighing half each, plus the IoU head's MSE. Unweighted cross-entropy
+over the whole 256 x 256 grid is what collapses a randomly initialised decoder to empty masks:
+a HeLa cell covers ~0.2 % of it, so "all background" is a good answer. Point prompts use SAM's
 best-of-three multimask loss; box prompts and corrective rounds the single-mask output.
 """
 
@@ -42,6 +48,8 @@ BOX_JITTER = 0.05
 """Box corners move by up to this fraction of the box's side (annotators draw loose boxes)."""
 MARGIN = 0.5
 """The cross-entropy window around an object: its box grown by this fraction of its size per side."""
+FAR_ROWS = 2
+"""Rows of far-away image tokens (a window's width each) decoded below each object's window."""
 
 
 @dataclass
@@ -124,10 +132,36 @@ def _windowed(grid: torch.Tensor, origins: torch.Tensor, size: int, scale: int) 
     ])
 
 
+def _far_tokens(origins: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """``(B, FAR_ROWS * size)`` long flat indices (``y * 64 + x``) of distinct image tokens
+    outside each ``size``-token window, drawn uniformly."""
+    grid = torch.arange(GRID, device=origins.device)
+    in_x = (grid[None] >= origins[:, :1]) & (grid[None] < origins[:, :1] + size)
+    in_y = (grid[None] >= origins[:, 1:]) & (grid[None] < origins[:, 1:] + size)
+    outside = ~(in_y[:, :, None] & in_x[:, None, :]).flatten(1)
+    # a window of the whole grid leaves nothing outside: its far rows repeat tokens of it
+    weights = torch.where(outside.any(1, keepdim=True), outside, True).float()
+    return torch.multinomial(weights, FAR_ROWS * size, generator=generator)
+
+
+def _with_far_rows(windows: torch.Tensor, grid: torch.Tensor, far: torch.Tensor, scale: int) -> torch.Tensor:
+    """``windows`` ``(B, ..., s*scale, s*scale)`` with the ``far`` tokens' ``scale x scale`` cells
+    of ``grid`` ``(B or 1, ..., 64*scale, 64*scale)`` appended below as ``FAR_ROWS`` rows."""
+    batch, side = len(far), windows.shape[-1]
+    lead = grid.shape[1:-2]
+    cells = grid.reshape(grid.shape[0], *lead, GRID, scale, GRID, scale).movedim(-3, -2)
+    cells = cells.reshape(grid.shape[0], *lead, GRID * GRID, scale, scale).expand(batch, *lead, -1, -1, -1)
+    index = far.reshape(batch, *(1 for _ in lead), -1, 1, 1).expand(-1, *lead, -1, scale, scale)
+    picked = cells.gather(-3, index).reshape(batch, *lead, FAR_ROWS, side // scale, scale, scale)
+    rows = picked.movedim(-2, -3).reshape(batch, *lead, FAR_ROWS * scale, side)
+    return torch.cat([windows, rows], dim=-2)
+
+
 def _decode(
     sam,
     embedding: torch.Tensor,
     origins: torch.Tensor,
+    far: torch.Tensor,
     size: int,
     groups: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]],
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,9 +170,10 @@ def _decode(
     ``groups``: ``(points, boxes)`` pairs as SAM's prompt encoder takes them (points
     ``((b, n, 2) coords, (b, n) labels)`` or None, boxes ``(b, 4)`` or None; input-frame
     coordinates), each encoding to the same number of prompt tokens; ``origins`` ``(B, 2)``
-    are the windows' token origins, B the groups' total. Returns ``(B, 4, 4 * size, 4 * size)``
-    logits of each window and ``(B, 4)`` IoU predictions; mask 0 is SAM's single-mask output,
-    1-3 its multimask ones.
+    are the windows' token origins, B the groups' total, ``far`` ``(B, FAR_ROWS * size)`` the
+    far-away tokens decoded with each window (``_far_tokens``). Returns
+    ``(B, 4, 4 * (size + FAR_ROWS), 4 * size)`` logits of each window with its far rows below
+    and ``(B, 4)`` IoU predictions; mask 0 is SAM's single-mask output, 1-3 its multimask ones.
 
     Windows instead of the whole 64 x 64 grid: the decoder's cost is linear in image tokens,
     and it is nearly local: image tokens are updated only by attending to the few prompt and
@@ -152,12 +187,14 @@ def _decode(
     batch = len(sparse)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens[None].expand(batch, -1, -1), sparse), dim=1)
-    src = _windowed(embedding, origins, size, 1) + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    pos = _windowed(sam.prompt_encoder.get_dense_pe(), origins, size, 1)
+    src = _with_far_rows(_windowed(embedding, origins, size, 1), embedding, far, 1)
+    src = src + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    dense_pe = sam.prompt_encoder.get_dense_pe()
+    pos = _with_far_rows(_windowed(dense_pe, origins, size, 1), dense_pe, far, 1)
     # from here on SAM's MaskDecoder.predict_masks, minus its repeat of one image per prompt
     hs, src = decoder.transformer(src, pos, tokens)
     mask_tokens = hs[:, 1:1 + decoder.num_mask_tokens]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, size, size))
+    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, size + FAR_ROWS, size))
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     masks = (hyper @ upscaled.flatten(2)).view(batch, -1, *upscaled.shape[-2:])
     return masks, decoder.iou_prediction_head(hs[:, 0])
@@ -198,6 +235,17 @@ def _loss_windows(boxes: torch.Tensor) -> torch.Tensor:
     return in_y[:, :, None] & in_x[:, None, :]
 
 
+def _decoded_targets(
+    image: PreparedImage, chosen: torch.Tensor, boxes: torch.Tensor, origins: torch.Tensor, far: torch.Tensor, size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``(B, 4 * (size + FAR_ROWS), 4 * size)`` bool targets and cross-entropy windows of
+    what ``_decode`` returns: each object's window, then its far rows (all in the window)."""
+    targets = _with_far_rows(_windowed(image.targets[chosen], origins, size, 4), image.targets[chosen], far, 4)
+    windows = _windowed(_loss_windows(boxes), origins, size, 4)
+    far_rows = torch.ones(len(windows), 4 * FAR_ROWS, windows.shape[-1], dtype=torch.bool, device=windows.device)
+    return targets, torch.cat([windows, far_rows], dim=1)
+
+
 def _random_points(masks: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """One random pixel of each of ``(B, h, w)`` masks (anywhere when empty), as ``(B, 2)`` (x, y)
     in the window's input-frame pixels (4 per logit)."""
@@ -229,14 +277,15 @@ def train_image(
     boxes = image.boxes[chosen]
     size = _crop_size(boxes)
     origins = _crop_origins(boxes, size, generator)
-    targets = _windowed(image.targets[chosen], origins, size, 4)
-    windows = _windowed(_loss_windows(boxes), origins, size, 4)
+    far = _far_tokens(origins, size, generator)
+    targets, windows = _decoded_targets(image, chosen, boxes, origins, far, size)
+    window_side = 4 * size  # clicks go inside the window, not on the far rows below it
     offsets = (origins * TOKEN).float()  # window pixel -> input-frame pixel
     count = len(chosen)
     rows = torch.arange(count, device=targets.device)
     n_box = (count + 1) // 2
     prompt_boxes = _jittered(boxes[:n_box], generator)
-    point_coords = [(_random_points(targets[n_box:], generator) + offsets[n_box:])[:, None]]
+    point_coords = [(_random_points(targets[n_box:, :window_side], generator) + offsets[n_box:])[:, None]]
     point_labels = [torch.ones(count - n_box, 1, dtype=torch.int64, device=targets.device)]
     box_coords = torch.zeros(n_box, 0, 2, device=targets.device)
     box_labels = torch.zeros(n_box, 0, dtype=torch.int64, device=targets.device)
@@ -249,7 +298,7 @@ def train_image(
             groups.append(((torch.cat(point_coords, 1), torch.cat(point_labels, 1)), None))
         # box starts and point starts encode to the same number of tokens in every round
         # (box: 2 corners + clicks; points: start + clicks + SAM's padding token), so one pass serves both
-        logits, iou_pred = _decode(sam, image.embedding, origins, size, groups)
+        logits, iou_pred = _decode(sam, image.embedding, origins, far, size, groups)
         losses, ious = _per_object_losses(logits, targets, windows)
         picked = torch.zeros(count, dtype=torch.int64, device=logits.device)
         if round_index == 0 and count > n_box:
@@ -259,9 +308,9 @@ def train_image(
         (loss * loss_scale / rounds).backward()
         total += float(loss.detach())
         if round_index + 1 < rounds:
-            errors = (logits.detach()[rows, picked] > 0) ^ targets
+            errors = ((logits.detach()[rows, picked] > 0) ^ targets)[:, :window_side]
             local = _random_points(errors, generator)
-            cell = (local / 4).long().clamp(0, targets.shape[-1] - 1)
+            cell = (local / 4).long().clamp(0, window_side - 1)
             positive = targets[rows, cell[:, 1], cell[:, 0]].long()
             clicks = local + offsets
             box_coords = torch.cat([box_coords, clicks[:n_box, None]], 1)
@@ -275,22 +324,27 @@ def train_image(
 def validate_image(sam, image: PreparedImage) -> tuple[float, float, float, int]:
     """Box and single-point prompts, as evaluation draws them, for up to ``VAL_OBJECTS`` objects.
 
-    Windows are centred on each object. Returns (summed loss, summed box IoU, summed point
-    IoU, objects) on the logit grid; a point's mask is the one with the highest predicted IoU.
+    Windows are centred on each object, with the same far-away tokens each time (a fixed
+    seed), so a mask that spills away from its object counts against it. Returns (summed loss,
+    summed box IoU, summed point IoU, objects) on the logit grid; a point's mask is the one with
+    the highest predicted IoU.
     """
     total_loss = box_sum = point_sum = 0.0
     count = 0
+    generator = torch.Generator(image.boxes.device).manual_seed(0)
     chosen = torch.linspace(0, image.n_objects - 1, min(image.n_objects, VAL_OBJECTS)).round().long()
     for part in chosen.to(image.boxes.device).split(32):
         boxes = image.boxes[part]
         size = _crop_size(boxes)
         origins = _crop_origins(boxes, size, None)
-        targets = _windowed(image.targets[part], origins, size, 4)
-        windows = _windowed(_loss_windows(boxes), origins, size, 4)
-        box_logits, _ = _decode(sam, image.embedding, origins, size, [(None, boxes)])
+        far = _far_tokens(origins, size, generator)
+        targets, windows = _decoded_targets(image, part, boxes, origins, far, size)
+        box_logits, _ = _decode(sam, image.embedding, origins, far, size, [(None, boxes)])
         box_losses, box_ious = _per_object_losses(box_logits[:, :1], targets, windows)
         ones = torch.ones(len(part), 1, dtype=torch.int64, device=boxes.device)
-        point_logits, point_pred = _decode(sam, image.embedding, origins, size, [((image.centres[part][:, None], ones), None)])
+        point_logits, point_pred = _decode(
+            sam, image.embedding, origins, far, size, [((image.centres[part][:, None], ones), None)]
+        )
         point_losses, point_ious = _per_object_losses(point_logits[:, 1:], targets, windows)
         best = point_pred[:, 1:].argmax(1)
         rows = torch.arange(len(part), device=boxes.device)
