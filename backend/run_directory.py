@@ -9,7 +9,7 @@ layer (fsspec, light).
     baseline.json   validation of the base model before any training: val_loss, val_iou
     metrics.jsonl   one line per epoch (epoch, train_loss, val_loss, val_iou, lr, samples_per_s, elapsed_s)
     progress.json   after every step: epoch, epochs, step, steps_per_epoch, elapsed_s, budget_s
-    model/          the exported model (contract 3), written last
+    model/          the exported model (contract 3), written last: the kept epoch's (``kept_epoch``)
 """
 
 from __future__ import annotations
@@ -27,6 +27,16 @@ from backend.storage import Location, append_line, is_remote, make_folder, stori
 
 if TYPE_CHECKING:
     from backend.training import EpochRecord, SamFineTuner
+
+
+def kept_epoch(metrics: list[dict]) -> dict | None:
+    """The ``metrics.jsonl`` line of the epoch whose model a run exports: the highest val IoU
+    (the first of equals; what the user will see), or None before any epoch ended.
+
+    Not the lowest val loss: in the fast recipe the loss rose again while the IoU still climbed
+    (on the HeLa val frames the lowest-loss epoch had 0.10 where a later one reached 0.20).
+    """
+    return max(metrics, key=lambda line: line["val_iou"], default=None)
 
 
 REMOTE_PROGRESS_EVERY_S = 2.0
@@ -116,7 +126,7 @@ class RunDirectory:
         """Write the best epoch's model into ``<run>/model`` (contract 3); in an object store, meta.json last."""
         from backend.models import META_FILE, save_model_folder  # in the worker, which has imported it anyway
 
-        best = {"best_epoch": tuner.best["epoch"], "best_val_loss": tuner.best["val_loss"]}
+        best = {"best_epoch": tuner.best["epoch"], "best_val_iou": tuner.best["val_iou"]}
 
         def save(folder: Path) -> Path:
             return save_model_folder(

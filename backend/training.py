@@ -196,7 +196,7 @@ class SamFineTuner:
         per_step = config.batch_size if config.mode == "decoder" else 1
         self.steps_per_epoch = max(1, math.ceil(micro_batches / (per_step * config.grad_accumulation)))
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.best: dict = {"val_loss": math.inf, "epoch": -1, "state": None}
+        self.best: dict = {"val_iou": -math.inf, "epoch": -1, "state": None}
         self._val_prompts = self._sample_val_prompts() if config.recipe == "micro-sam" else {}
         # the time budget counts training, not the set-up: embeddings are computed once and then cached
         self._started = time.perf_counter()
@@ -300,8 +300,8 @@ class SamFineTuner:
             samples_per_s=totals[2] / max(speeds[0] / self.world_size, 1e-9),
             elapsed_s=time.perf_counter() - start,
         )
-        if record.val_loss < self.best["val_loss"]:
-            self.best = {"val_loss": record.val_loss, "epoch": epoch, "state": self._trainable_state()}
+        if record.val_iou > self.best["val_iou"]:  # backend.run_directory.kept_epoch's rule
+            self.best = {"val_iou": record.val_iou, "epoch": epoch, "state": self._trainable_state()}
         return record
 
     def _micro_sam_micro_steps(self, epoch: int, accumulate: int) -> Iterator[tuple[float, int]]:
@@ -439,7 +439,7 @@ class SamFineTuner:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
-            "best_val_loss": self.best["val_loss"],
+            "best_val_iou": self.best["val_iou"],
             "best_epoch": self.best["epoch"],
             "best": self.best["state"],
         }
@@ -453,11 +453,12 @@ class SamFineTuner:
         self.iteration = state["iteration"]
         self._elapsed_before = state.get("elapsed_s", 0.0)  # states written before the time budget lack it
         self._started = time.perf_counter()
-        self.best = {"val_loss": state["best_val_loss"], "epoch": state["best_epoch"], "state": state["best"]}
+        # a state from before the kept epoch was chosen by val IoU lacks it: the next epoch replaces its best
+        self.best = {"val_iou": state.get("best_val_iou", -math.inf), "epoch": state["best_epoch"], "state": state["best"]}
         return state["epoch"] + 1
 
     def best_sam(self):
-        """The model with the weights of the epoch with the lowest val loss (LoRA still attached)."""
+        """The model with the weights of the epoch with the highest val IoU (LoRA still attached)."""
         if self.best["state"] is not None:
             self.sam.load_state_dict(self.best["state"], strict=False)
         return self.sam

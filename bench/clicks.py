@@ -9,7 +9,7 @@ clicks (the box counts as click 1), on ``--objects`` evenly spread objects per h
 
 Per seed: one ``--minutes`` round of decoder-mode fine-tuning with the default (fast) recipe, as
 ``napari-raysam train --minutes M`` runs it (``backend.training.train`` in this process, no Ray;
-the epoch of lowest val loss is exported), then the clicks of the exported model. The start
+the epoch of highest val IoU is exported), then the clicks of the exported model. The start
 model's clicks are measured once: ``random:vit_t``'s weights (seed 0) and the annotator are
 deterministic, so every seed starts from the same figure. The embeddings of the training
 frames are cached in the run storage, so only the first seed computes them.

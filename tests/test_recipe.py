@@ -14,6 +14,7 @@ from backend.config import ConfigError, TrainConfig
 from backend.dataset import SampleInput, open_dataset, write_embedding, write_samples
 from backend.evaluation import evaluate
 from backend.models import load_model
+from backend.run_directory import kept_epoch
 from backend.training import SamFineTuner, train
 
 LEARN_EPOCHS = 3
@@ -93,6 +94,7 @@ def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_
     progress = json.loads((cfg.run_dir / "progress.json").read_text())
     assert 1 <= len(metrics) < 1000
     assert load_model(model).meta["mode"] == "decoder"
+    assert load_model(model).meta["metrics"]["best_epoch"] == kept_epoch(metrics)["epoch"]
     assert progress["budget_s"] == pytest.approx(12.0) and progress["epochs"] == 1000
     # stopped at the first step past the budget, or, when the budget passed during an epoch's
     # validation, after it: progress.json's last step is then a validation (a few seconds) early

@@ -11,7 +11,7 @@ import pytest
 from backend.storage import StorageError
 from napari_raysam.finetune import FinetuneError, FinetuneSettings
 from napari_raysam.runs import MetricsReader, RunLifecycle, RunState, RunUpdate, fetch_model, run_history
-from napari_raysam.runs.progress import progress_fraction, progress_text
+from napari_raysam.runs.progress import progress_fraction, progress_text, summary_text
 from napari_raysam.runs.state import state_of_job
 
 
@@ -59,7 +59,8 @@ def test_the_history_lists_runs_newest_first_and_fetch_copies_a_model(tmp_path):
         run = tmp_path / name
         run.mkdir()
         (run / "config.json").write_text(json.dumps({"model": "random:vit_t", "mode": "decoder", "extra": {"images": 4}}))
-        (run / "metrics.jsonl").write_text(epoch_line(0, 0.9, 0.1) + epoch_line(1, 0.5, 0.4))
+        # epoch 3 has the lowest loss, epoch 2 the highest IoU: the model kept is epoch 2's
+        (run / "metrics.jsonl").write_text(epoch_line(0, 0.9, 0.1) + epoch_line(1, 0.5, 0.4) + epoch_line(2, 0.4, 0.3))
         os.utime(run / "config.json", (mtime, mtime))
     (tmp_path / "newer" / "model").mkdir()
     (tmp_path / "newer" / "model" / "model.safetensors").write_bytes(b"weights")
@@ -69,6 +70,9 @@ def test_the_history_lists_runs_newest_first_and_fetch_copies_a_model(tmp_path):
     records = run_history(tmp_path)
     assert [r.name for r in records] == ["newer", "older"]
     assert records[0].val_iou == 0.4 and records[0].images == 4 and records[0].model is not None
+    metrics = MetricsReader(tmp_path / "newer").read()
+    assert summary_text(metrics, {"val_iou": 0.05, "val_loss": 1.0}) == (
+        "validation: IoU 0.050 before training -> 0.400 (kept: epoch 2); loss 1.000 -> 0.500")
     assert records[1].model is None
     assert (fetch_model(tmp_path / "newer", tmp_path / "copy") / "meta.json").exists()
     with pytest.raises(FileNotFoundError, match="has no model yet"):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from backend.run_directory import kept_epoch
 from backend.storage import Location, StorageError, download_folder, file_sha256, location
 
 CONFIG_FILE = "config.json"
@@ -119,7 +120,7 @@ def read_record(run_dir: Location | str) -> RunRecord | None:
     except (OSError, json.JSONDecodeError):
         return None
     metrics = MetricsReader(run_dir).read()
-    best = min(metrics, key=lambda line: line["val_loss"], default=None)
+    best = kept_epoch(metrics)
     images = config.get("extra", {}).get("images")
     return RunRecord(
         name=run_dir.name,

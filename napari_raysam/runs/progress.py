@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from backend.run_directory import kept_epoch
 from napari_raysam.runs.client import RunUpdate
 from napari_raysam.runs.state import RunState
 
@@ -45,10 +46,10 @@ def progress_text(update: RunUpdate, elapsed_s: float) -> str:
 
 def summary_text(metrics: list[dict], baseline: dict | None = None) -> str:
     """Before/after on the validation images: the base model (or, without a baseline, the first
-    epoch) against the epoch whose model is kept (the lowest val loss)."""
-    if not metrics:
+    epoch) against the epoch whose model is kept (``backend.run_directory.kept_epoch``)."""
+    best = kept_epoch(metrics)
+    if best is None:
         return "no epoch finished"
-    best = min(metrics, key=lambda line: line["val_loss"])
     before, when = (baseline, "before training") if baseline else (metrics[0], f"after epoch {metrics[0]['epoch'] + 1}")
     return (
         f"validation: IoU {before['val_iou']:.3f} {when} -> {best['val_iou']:.3f} (kept: epoch {best['epoch'] + 1}); "
