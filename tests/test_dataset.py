@@ -15,7 +15,7 @@ import tifffile
 import torch
 import zarr
 
-import backend.dataset as dataset_module
+import backend.dataset.writing as dataset_writing
 from backend.dataset import (
     DatasetError,
     SampleInput,
@@ -35,7 +35,7 @@ def root_entries(path: Path) -> list[str]:
 
 def fail_on_labels(monkeypatch: pytest.MonkeyPatch, after: int = 0) -> None:
     """Make writing a labels array raise, after ``after`` successful labels writes."""
-    write_array = dataset_module._write_array
+    write_array = dataset_writing._write_array
     calls = {"labels": 0}
 
     def failing(group, name, data, chunks, attributes=None):
@@ -45,7 +45,7 @@ def fail_on_labels(monkeypatch: pytest.MonkeyPatch, after: int = 0) -> None:
                 raise OSError("disk full (simulated)")
         write_array(group, name, data, chunks, attributes)
 
-    monkeypatch.setattr(dataset_module, "_write_array", failing)
+    monkeypatch.setattr(dataset_writing, "_write_array", failing)
 
 
 # --- writing and reading -------------------------------------------------------------------
@@ -164,7 +164,7 @@ def test_killed_writer_leftovers_are_ignored(tmp_path, monkeypatch):
     write_samples(path, cell_samples(1))
     fingerprint = open_dataset(path).fingerprint()
     fail_on_labels(monkeypatch)
-    monkeypatch.setattr(dataset_module.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(dataset_writing.shutil, "rmtree", lambda *a, **k: None)
 
     with pytest.raises(OSError):
         write_samples(path, cell_samples(2, seed=3))
@@ -231,7 +231,7 @@ def test_damaged_samples_are_reported(tmp_path):
         open_dataset(path)
 
     for sample_id in ("000000", "000001"):
-        dataset_module.shutil.rmtree(path / "samples" / sample_id)
+        dataset_writing.shutil.rmtree(path / "samples" / sample_id)
     with pytest.raises(DatasetError, match="has no samples"):
         open_dataset(path)
 
@@ -651,14 +651,14 @@ def test_a_group_becomes_visible_at_once_or_not_at_all(tmp_path, monkeypatch):
     write_samples(path, cell_samples(1, seed=1))
     fingerprint = open_dataset(path).fingerprint()
     # killed after every new sample folder is in samples/ but before the manifest names them
-    real = dataset_module._write_manifest
-    monkeypatch.setattr(dataset_module, "_write_manifest", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    real = dataset_writing._write_manifest
+    monkeypatch.setattr(dataset_writing, "_write_manifest", lambda *a: (_ for _ in ()).throw(OSError("killed")))
     with pytest.raises(OSError, match="killed"):
         write_samples(path, cell_samples(3, seed=2))
     assert len(list((path / "samples").glob("0*"))) == 4  # the folders are there ...
     assert open_dataset(path).fingerprint() == fingerprint  # ... and invisible
 
-    monkeypatch.setattr(dataset_module, "_write_manifest", real)
+    monkeypatch.setattr(dataset_writing, "_write_manifest", real)
     write_samples(path, cell_samples(1, seed=3))
     assert len(open_dataset(path).sample_ids()) == 2
     assert len(list((path / "samples").glob("0*"))) == 2  # the next writer removed the leftovers
