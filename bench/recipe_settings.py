@@ -1,0 +1,78 @@
+"""Choosing the fast recipe's settings on the validation frames, never the held-out ones.
+
+Each setting trains random ``vit_t`` in decoder mode for ``--minutes`` of wall time (``napari-raysam
+train --minutes``, in this process, no Ray) on the CTC HeLa frames 0-10 (even), keeping the epoch
+of the highest windowed val IoU as a run does; the kept model is then scored on the val frames 12
+and 14 with the whole-image decoder (``backend.evaluation``: box IoU and single-point IoU of the
+demo's 40 evenly spread objects per frame), which is what the annotator runs. The held-out frames
+17 and 19 are not read. A setting is ``key=value`` pairs joined by ``,``: ``TrainConfig`` fields,
+or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.fast_recipe``. One line of JSON per setting.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from backend import fast_recipe
+from backend.config import TrainConfig
+from backend.dataset import open_dataset
+from backend.evaluation import evaluate_images
+from backend.models import load_model
+from backend.run_directory import kept_epoch
+from backend.training import train
+from common import hela_dataset, start_bench
+from napari_raysam.demo import scored_objects
+from napari_raysam.runs import MetricsReader
+
+RECIPE_CONSTANTS = ("FAR_ROWS", "MIN_CROP")
+
+
+def parse_setting(text: str) -> tuple[dict, dict]:
+    """``"lr=3e-4,FAR_ROWS=4"`` -> (TrainConfig fields, fast_recipe constants)."""
+    fields, constants = {}, {}
+    for pair in filter(None, text.split(",")):
+        key, value = pair.split("=", 1)
+        if key in RECIPE_CONSTANTS:
+            constants[key] = int(value)
+        else:
+            fields[key] = float(value) if any(c in value for c in ".e") else int(value)
+    return fields, constants
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("settings", nargs="*", default=[""], help="key=value,... (empty: the defaults)")
+    parser.add_argument("--minutes", type=float, default=2.5)
+    args = parser.parse_args()
+    work = start_bench("recipe_settings_")
+    data = hela_dataset(work)
+    dataset = open_dataset(data)
+    val_ids = dataset.require_objects("val")
+    defaults = {name: getattr(fast_recipe, name) for name in RECIPE_CONSTANTS}
+    for setting in args.settings:
+        fields, constants = parse_setting(setting)
+        for name, value in {**defaults, **constants}.items():
+            setattr(fast_recipe, name, value)
+        config = TrainConfig(data=str(data), storage=str(work / "runs"), model="random:vit_t",
+                             minutes=args.minutes, epochs=100_000, **fields)
+        start = time.perf_counter()
+        model = load_model(str(train(config)))
+        metrics = MetricsReader(config.run_dir).read()
+        scores = evaluate_images(model.sam, [dataset.sam_image(i) for i in val_ids],
+                                 [scored_objects(dataset.labels(i)) for i in val_ids], automatic=False)
+        print(json.dumps({
+            "setting": setting or "defaults", "epochs": len(metrics), "kept_epoch": kept_epoch(metrics)["epoch"],
+            "windowed_val_iou_first_kept_last": [round(metrics[0]["val_iou"], 4),
+                                                 round(kept_epoch(metrics)["val_iou"], 4),
+                                                 round(metrics[-1]["val_iou"], 4)],
+            "val_box_iou": round(scores["box_iou"], 4), "val_point_iou": round(scores["point_iou"], 4),
+            "wall_s": round(time.perf_counter() - start),
+        }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
