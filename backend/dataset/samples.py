@@ -1,4 +1,5 @@
-"""What a dataset sample is: its inputs, validated, and the checks every reader and writer shares."""
+"""What a dataset sample is: its inputs, validated, and the checks every reader and writer shares.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""Writing a dataset atomically: ``write_samples`` and ``write_embedding`` (the package's docstring says how)."""
+"""Writing a dataset atomically: ``write_samples`` and ``write_embedding`` (the package's docstring
+says how).
+"""
 
 from __future__ import annotations
 
