@@ -161,7 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("-o", "--output", type=Path, default=Path("demo_output"))
     demo.add_argument("--model", help="starting model (default: the best one available)")
     demo.add_argument("--mode", choices=MODES, default="decoder")
-    demo.add_argument("--minutes", type=float, help="training time budget (default: the demo's 2.5 minutes)")
+    demo.add_argument("--minutes", type=float, help="training time budget (default: the demo's 3.5 minutes)")
     demo.add_argument("--workers", type=int, default=1)
     _add_cluster_args(demo)
     return parser
