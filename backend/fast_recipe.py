@@ -144,15 +144,19 @@ def _far_tokens(origins: torch.Tensor, size: int, generator: torch.Generator) ->
     return torch.multinomial(weights, FAR_ROWS * size, generator=generator)
 
 
-def _with_far_rows(windows: torch.Tensor, grid: torch.Tensor, far: torch.Tensor, scale: int) -> torch.Tensor:
-    """``windows`` ``(B, ..., s*scale, s*scale)`` with the ``far`` tokens' ``scale x scale`` cells
-    of ``grid`` ``(B or 1, ..., 64*scale, 64*scale)`` appended below as ``FAR_ROWS`` rows."""
-    batch, side = len(far), windows.shape[-1]
+def _window_with_far_rows(
+    grid: torch.Tensor, origins: torch.Tensor, far: torch.Tensor, size: int, scale: int,
+) -> torch.Tensor:
+    """``_windowed(grid, origins, size, scale)`` ``(B, ..., size*scale, size*scale)`` with the ``far``
+    tokens' ``scale x scale`` cells of ``grid`` ``(B or 1, ..., 64*scale, 64*scale)`` appended below
+    as ``FAR_ROWS`` rows: what ``_decode`` decodes for each object."""
+    windows = _windowed(grid, origins, size, scale)
+    batch, side = len(far), size * scale
     lead = grid.shape[1:-2]
     cells = grid.reshape(grid.shape[0], *lead, GRID, scale, GRID, scale).movedim(-3, -2)
     cells = cells.reshape(grid.shape[0], *lead, GRID * GRID, scale, scale).expand(batch, *lead, -1, -1, -1)
     index = far.reshape(batch, *(1 for _ in lead), -1, 1, 1).expand(-1, *lead, -1, scale, scale)
-    picked = cells.gather(-3, index).reshape(batch, *lead, FAR_ROWS, side // scale, scale, scale)
+    picked = cells.gather(-3, index).reshape(batch, *lead, FAR_ROWS, size, scale, scale)
     rows = picked.movedim(-2, -3).reshape(batch, *lead, FAR_ROWS * scale, side)
     return torch.cat([windows, rows], dim=-2)
 
@@ -187,10 +191,10 @@ def _decode(
     batch = len(sparse)
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens[None].expand(batch, -1, -1), sparse), dim=1)
-    src = _with_far_rows(_windowed(embedding, origins, size, 1), embedding, far, 1)
+    src = _window_with_far_rows(embedding, origins, far, size, 1)
     src = src + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
     dense_pe = sam.prompt_encoder.get_dense_pe()
-    pos = _with_far_rows(_windowed(dense_pe, origins, size, 1), dense_pe, far, 1)
+    pos = _window_with_far_rows(dense_pe, origins, far, size, 1)
     # from here on SAM's MaskDecoder.predict_masks, minus its repeat of one image per prompt
     hs, src = decoder.transformer(src, pos, tokens)
     mask_tokens = hs[:, 1:1 + decoder.num_mask_tokens]
@@ -240,7 +244,7 @@ def _decoded_targets(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(B, 4 * (size + FAR_ROWS), 4 * size)`` bool targets and cross-entropy windows of
     what ``_decode`` returns: each object's window, then its far rows (all in the window)."""
-    targets = _with_far_rows(_windowed(image.targets[chosen], origins, size, 4), image.targets[chosen], far, 4)
+    targets = _window_with_far_rows(image.targets[chosen], origins, far, size, 4)
     windows = _windowed(_loss_windows(boxes), origins, size, 4)
     far_rows = torch.ones(len(windows), 4 * FAR_ROWS, windows.shape[-1], dtype=torch.bool, device=windows.device)
     return targets, torch.cat([windows, far_rows], dim=1)

@@ -75,8 +75,8 @@ def test_each_object_is_also_trained_on_far_away_tokens_as_background():
     assert targets.shape == windows.shape == (2, side + far_side, side)
     assert not targets[:, side:].any() and windows[:, side:].all()  # far pixels: background, in the loss
     logit_grid = torch.randn(2, 256, 256)  # what the decoder sees there: the image's own far tokens
-    tokens = fast_recipe._with_far_rows(fast_recipe._windowed(embedding, origins, size, 1), embedding, far, 1)
-    cells = fast_recipe._with_far_rows(fast_recipe._windowed(logit_grid, origins, size, 4), logit_grid, far, 4)
+    tokens = fast_recipe._window_with_far_rows(embedding, origins, far, size, 1)
+    cells = fast_recipe._window_with_far_rows(logit_grid, origins, far, size, 4)
     for b in range(2):
         x, y = far[b] % 64, far[b] // 64
         inside = (x >= origins[b, 0]) & (x < origins[b, 0] + size) & (y >= origins[b, 1]) & (y < origins[b, 1] + size)
