@@ -21,7 +21,7 @@ RECIPES = ("fast", "micro-sam")
 grid (backend.fast_recipe); micro-sam: micro-sam's iterative prompting step (every mode)."""
 RECIPE_DEFAULTS = {
     # objects per image and step, prompting rounds, peak learning rate (chosen by measurement, docs/BENCHMARKS.md)
-    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 3e-4},
+    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 1e-3},
     "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8},
 }
 

@@ -195,6 +195,8 @@ class SamFineTuner:
             micro_batches = len(self.loader)
         per_step = config.batch_size if config.mode == "decoder" else 1
         self.steps_per_epoch = max(1, math.ceil(micro_batches / (per_step * config.grad_accumulation)))
+        self._budget_used = 0.0
+        """Share of the time budget trained at the last optimiser step (0 without one): the schedule follows it."""
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.best: dict = {"val_iou": -math.inf, "epoch": -1, "state": None}
         self._val_prompts = self._sample_val_prompts() if config.recipe == "micro-sam" else {}
@@ -203,13 +205,20 @@ class SamFineTuner:
 
     # -- schedule -------------------------------------------------------------------------
     def _lr_factor(self, step: int) -> float:
+        """Linear warm-up, then constant or a cosine decay to 0 over the run.
+
+        The run is its epochs or its time budget, whichever ends it first: a budgeted run (``--minutes``,
+        with epochs only a cap) anneals by its last minute, where a cosine over the epoch cap would leave
+        the learning rate at its peak until the clock stops it.
+        """
         config = self.config
         if step < config.warmup_steps:
             return (step + 1) / (config.warmup_steps + 1)
         if config.lr_schedule == "constant":
             return 1.0
         total = max(1, self.steps_per_epoch * config.epochs - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - config.warmup_steps) / total)))
+        done = max((step - config.warmup_steps) / total, self._budget_used)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
 
     # -- data -----------------------------------------------------------------------------
     def _embed(self, sample_id: str) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -335,16 +344,21 @@ class SamFineTuner:
         """Seconds this run has trained (since its set-up ended: model, data, embeddings), over all its attempts."""
         return self._elapsed_before + time.perf_counter() - self._started
 
-    def out_of_time(self) -> bool:
-        """Whether ``minutes`` has passed; every rank gets rank 0's answer, so all stop at the same step."""
+    def budget_used(self) -> float:
+        """Share of ``minutes`` trained so far (0 without a budget). Every rank gets rank 0's figure, so all
+        take the same learning rate and stop at the same step."""
         if self.config.minutes is None:
-            return False
-        over = self.elapsed() >= self.config.minutes * 60
+            return 0.0
+        used = self.elapsed() / (self.config.minutes * 60)
         if self.world_size > 1:
-            flag = torch.tensor([float(over)], device=self.device)
-            dist.broadcast(flag, src=0)
-            over = bool(flag.item())
-        return over
+            shared = torch.tensor([used], dtype=torch.float64, device=self.device)
+            dist.broadcast(shared, src=0)
+            used = float(shared.item())
+        return used
+
+    def out_of_time(self) -> bool:
+        """Whether ``minutes`` has passed (rank 0's answer on every rank)."""
+        return self.budget_used() >= 1
 
     def _optimizer_step(self, epoch: int, step: int) -> int:
         """Average gradients over ranks, update, report progress; returns the step count after it."""
@@ -359,6 +373,7 @@ class SamFineTuner:
                 offset += param.numel()
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        self._budget_used = self.budget_used()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.progress is not None and self.rank == 0:

@@ -8,7 +8,7 @@ demo's 40 evenly spread objects per frame), which is what the annotator runs. Th
 17 and 19 are not read. A setting is ``key=value`` pairs joined by ``,``: ``TrainConfig`` fields,
 or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.fast_recipe``. One line of JSON per setting.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3
+    OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3,lr_schedule=constant
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ from napari_raysam.runs import MetricsReader
 RECIPE_CONSTANTS = ("FAR_ROWS", "MIN_CROP")
 
 
+def _number_or_text(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_setting(text: str) -> tuple[dict, dict]:
     """``"lr=3e-4,FAR_ROWS=4"`` -> (TrainConfig fields, fast_recipe constants)."""
     fields, constants = {}, {}
@@ -37,7 +46,7 @@ def parse_setting(text: str) -> tuple[dict, dict]:
         if key in RECIPE_CONSTANTS:
             constants[key] = int(value)
         else:
-            fields[key] = float(value) if any(c in value for c in ".e") else int(value)
+            fields[key] = _number_or_text(value)
     return fields, constants
 
 

@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--epochs", type=int, help="epochs to train (default 10; with --minutes a cap of 1000)")
     train.add_argument("--model", default="vit_b_lm", help="zoo name, checkpoint path or random:<type>")
     train.add_argument(
-        "--lr", type=float, help="peak learning rate (default: 3e-4 fast recipe; micro-sam's 1e-4 decoder, 1e-5 full/lora)"
+        "--lr", type=float, help="peak learning rate (default: 1e-3 fast recipe; micro-sam's 1e-4 decoder, 1e-5 full/lora)"
     )
     train.add_argument("--batch-size", type=int, default=1)
     train.add_argument("--patch-size", type=int, default=512, help="crop size for full/lora modes")

@@ -99,6 +99,9 @@ def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_
     # stopped at the first step past the budget, or, when the budget passed during an epoch's
     # validation, after it: progress.json's last step is then a validation (a few seconds) early
     assert 12.0 - 5.0 < progress["elapsed_s"] < 12.0 + 5.0
+    # the cosine follows the budget, not the 1000-epoch cap: near its peak early, near 0 by the end
+    peak = cfg.learning_rate
+    assert metrics[0]["lr"] > 0.5 * peak and metrics[-1]["lr"] < 0.1 * peak
 
 
 def test_embeddings_stored_in_the_dataset_are_used_not_computed(tmp_path, monkeypatch):
