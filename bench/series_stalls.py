@@ -89,6 +89,12 @@ class EventLoop:
                 "timed_out": "done" not in times}
 
 
+def answered(widget) -> bool:
+    """Whether the dock's last Segment is done and its proposal shown: while it runs the status line
+    says "segmenting…", after it "proposed …" (the layer holds only the objects' bounding box)."""
+    return widget._worker is None and widget.status.text().startswith("proposed")
+
+
 def large_image_without_the_dock(viewer, loop: EventLoop, image: np.ndarray) -> dict:
     """napari's own cost of opening ``image``, before the dock exists (after a small image warmed napari up)."""
     loop.run_until(lambda: viewer.add_image(np.zeros((64, 64), np.uint16), name="warm-up"), lambda: True)
@@ -99,7 +105,7 @@ def large_image_without_the_dock(viewer, loop: EventLoop, image: np.ndarray) -> 
 
 
 def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
-    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+    from napari_raysam.widgets.annotator import POINTS_LAYER
 
     figures: dict = {}
 
@@ -121,7 +127,7 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     side = image.shape[-1]
     viewer.layers[POINTS_LAYER].data = [[side / 2, side / 2]]
     figures["point_prompt_answered"] = loop.run_until(
-        widget.segment, lambda: widget._worker is None and widget.viewer.layers[CURRENT_LAYER].data.shape == image.shape[1:]
+        widget.segment, lambda: answered(widget)
     )
     viewer.layers.clear()
     return figures
@@ -131,7 +137,7 @@ def prompts_behind(widget, loop: EventLoop, labels: np.ndarray, count: int) -> d
     """``count`` point prompts on the first frame, one object's centre each, at once after it is embedded,
     while the series row reads the next frame ahead and ranks the others (its background worker):
     the time from each prompt to its answer on screen, and whether the row was working then."""
-    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+    from napari_raysam.widgets.annotator import POINTS_LAYER
 
     ids = np.unique(labels)[1:]
     answers, behind, stalls = [], [], []
@@ -144,7 +150,7 @@ def prompts_behind(widget, loop: EventLoop, labels: np.ndarray, count: int) -> d
             widget.segment()
 
         step = loop.run_until(
-            prompt, lambda: widget._worker is None and widget.viewer.layers[CURRENT_LAYER].data.shape == labels.shape
+            prompt, lambda: answered(widget)
         )
         answers.append(step["action_to_done_s"])
         stalls.append(step["max_stall_ms"])
@@ -156,7 +162,7 @@ def prompts_behind(widget, loop: EventLoop, labels: np.ndarray, count: int) -> d
 
 def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int) -> dict:
     from napari_raysam.demo import hela_frames
-    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
+    from napari_raysam.widgets.annotator import POINTS_LAYER
 
     frames, labels = hela_frames()
     viewer.add_image(frames, name="HeLa series")
@@ -182,7 +188,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
                 widget.segment()  # in the dock's worker
                 asked.append(time.perf_counter())
                 return False
-            return widget.viewer.layers[CURRENT_LAYER].data.shape == labels.shape[1:]
+            return answered(widget)
 
         pressed: list[float] = []
         step = loop.run_until(lambda: (pressed.append(time.perf_counter()), widget.series.next()), answered)

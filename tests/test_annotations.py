@@ -116,6 +116,22 @@ def test_an_automatic_segmentation_is_committed_and_undone_as_one_step():
     assert history.undo(labels) == [1] and not labels.any()
 
 
+def test_a_proposal_cropped_to_its_box_commits_where_it_lies_and_undoes_there():
+    labels = np.zeros((64, 64), np.uint32)
+    labels[30, 40] = 1  # committed before: the crop's object keeps off it
+    history = CommitHistory()
+    crop = np.zeros((10, 12), np.uint8)  # rows 25-34, columns 35-46 of the image
+    crop[2:8, 3:9] = 1
+    assert history.commit_labels(labels, crop, origin=(25, 35)) == [2]
+    expected = np.zeros_like(labels, bool)
+    expected[27:33, 38:44] = True
+    expected[30, 40] = False
+    np.testing.assert_array_equal(labels == 2, expected)
+    assert history.undo(labels) == [2] and set(np.unique(labels)) == {0, 1}
+    with pytest.raises(ValueError, match="does not lie inside"):
+        history.commit_labels(labels, crop, origin=(60, 0))
+
+
 def test_undo_keeps_hand_edits_made_after_the_commit():
     labels = np.zeros((64, 64), np.uint32)
     history = CommitHistory()

@@ -64,11 +64,21 @@ def click(qtbot, button) -> None:
     qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
+def shown_proposal(viewer, image_name: str) -> np.ndarray:
+    """What the current-object layer shows, as labels the size of the image ``image_name``: the
+    layer holds the proposed objects' bounding box, placed on the image by its translation."""
+    layer, image = viewer.layers[CURRENT_LAYER], viewer.layers[image_name]
+    top, left = np.rint((np.asarray(layer.translate) - image.translate[-2:]) / image.scale[-2:]).astype(int)
+    full = np.zeros(image.data.shape[-2:], layer.data.dtype)
+    full[top:top + layer.data.shape[0], left:left + layer.data.shape[1]] = layer.data
+    return full
+
+
 def propose_square(widget: AnnotatorWidget, square) -> None:
     """Show ``square`` (a 2D slice) as the proposed object, as Segment would (random weights propose nothing reliable)."""
     proposal = np.zeros(widget.session.image_shape, np.uint8)
     proposal[square] = 1
-    widget.viewer.layers[CURRENT_LAYER].data = proposal
+    widget.layers.show(CURRENT_LAYER, proposal)
 
 
 def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
@@ -96,11 +106,10 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     prompt_points, prompt_labels, box = calls[-1]
     np.testing.assert_allclose(prompt_points, [cell, [2, 2]])
     assert list(prompt_labels) == [1, 0] and box is None
-    proposed = viewer.layers[CURRENT_LAYER].data > 0
-    np.testing.assert_array_equal(proposed, segment(prompt_points, prompt_labels, None))
+    np.testing.assert_array_equal(shown_proposal(viewer, "cells") > 0, segment(prompt_points, prompt_labels, None))
 
     # whatever the random model proposes, commit writes exactly that as object 1
-    viewer.layers[CURRENT_LAYER].data = (truth == truth.max()).astype(np.uint8)  # a known object to commit
+    widget.layers.show(CURRENT_LAYER, (truth == truth.max()).astype(np.uint8))  # a known object to commit
     press(qtbot, viewer, Qt.Key.Key_C)
     committed = viewer.layers[COMMITTED_LAYER].data
     np.testing.assert_array_equal(committed == 1, truth == truth.max())
@@ -169,7 +178,7 @@ def test_committed_objects_survive_closing_and_reopening(make_napari_viewer, qtb
         viewer.add_image(image[0], name=f"cells opened {attempt}")
         embed(qtbot, widget)
         if attempt == 0:
-            viewer.layers[CURRENT_LAYER].data = (truth == 2).astype(np.uint8)
+            widget.layers.show(CURRENT_LAYER, (truth == 2).astype(np.uint8))
             click(qtbot, widget.commit_button)
         else:
             assert "loading cached embeddings" not in widget.status.text()  # the final message replaced it
@@ -429,12 +438,18 @@ def test_batched_prompts_segment_many_objects_committed_as_one_step(annotator, q
     widget.batched_check.setChecked(True)
     click(qtbot, widget.segment_button)
     wait_for_worker(qtbot, widget)  # several objects are segmented in the background
-    proposed = viewer.layers[CURRENT_LAYER].data
+    proposed = shown_proposal(viewer, "cells")
     assert set(np.unique(proposed)) == {0, 1, 2, 3} and widget.status.text().startswith("proposed 3 objects")
+    for object_id in (1, 2):  # each box filled where it was drawn
+        ys, xs = np.nonzero(truth == object_id)
+        assert (proposed[ys.min():ys.max() + 1, xs.min():xs.max() + 1] > 0).all()
+    shown = viewer.layers[CURRENT_LAYER].data
+    assert shown.shape == tuple(np.ptp(np.argwhere(proposed), axis=0) + 1)  # the layer holds only their bounding box
     viewer.screenshot("/tmp/napari_raysam_batched.png", canvas_only=False)  # looked at by the engineer
     press(qtbot, viewer, Qt.Key.Key_C)
     committed = viewer.layers[COMMITTED_LAYER].data
     assert set(np.unique(committed)) == {0, 1, 2, 3} and widget.status.text() == "committed 3 objects (1–3)"
+    np.testing.assert_array_equal(committed > 0, proposed > 0)  # where they were shown
     assert len(boxes.data) == 0 and len(viewer.layers[POINTS_LAYER].data) == 0
     press(qtbot, viewer, Qt.Key.Key_U)  # one undo takes back the batch
     assert not viewer.layers[COMMITTED_LAYER].data.any() and widget.status.text() == "undone: 3 objects removed"

@@ -77,7 +77,7 @@ def docks(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch, request
         click(qtbot, annotator.embed_button)
         qtbot.waitUntil(lambda: not annotator.busy and annotator.session.image_shape is not None, timeout=120_000)
         for object_id in np.unique(labels)[1:]:  # the reference objects, committed one by one
-            viewer.layers[CURRENT_LAYER].data = (labels == object_id).astype(np.uint8)
+            annotator.layers.show(CURRENT_LAYER, (labels == object_id).astype(np.uint8))
             click(qtbot, annotator.commit_button)
     dock = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Fine-tune")

@@ -127,13 +127,18 @@ class CommitHistory:
         """Forget all commits (when another image is annotated)."""
         self._steps.clear()
 
-    def commit_labels(self, labels: np.ndarray, instance_labels: np.ndarray) -> list[int]:
+    def commit_labels(
+        self, labels: np.ndarray, instance_labels: np.ndarray, origin: tuple[int, int] = (0, 0)
+    ) -> list[int]:
         """Commit every object of ``instance_labels`` with a new id, on background pixels only, as
         one undo step: the objects SAM proposed for the prompts, or an automatic segmentation.
 
         Args:
             labels: ``(H, W)`` integer instance ids (0 = background), changed in place.
-            instance_labels: ``(H, W)`` integer instance ids of the objects to add.
+            instance_labels: ``(h, w)`` integer instance ids of the objects to add, their pixel
+                ``(0, 0)`` at pixel ``origin`` (row, column) of ``labels``: the whole image, or
+                just the proposed objects' bounding box (a large image's commit then touches
+                only that part of it).
 
         Returns:
             The new ids, consecutive from ``labels.max() + 1`` in the order of the objects'
@@ -142,19 +147,19 @@ class CommitHistory:
         Raises:
             CommitError: if every object lies entirely on committed objects (nothing is added).
         """
-        _check_shapes(labels, instance_labels)
         instance_labels = np.asarray(instance_labels)
-        free = (instance_labels != 0) & (labels == 0)
+        region = _region(labels, instance_labels.shape, origin)
+        free = (instance_labels != 0) & (labels[region] == 0)
         object_ids, new_values = np.unique(instance_labels[free], return_inverse=True)
         if not len(object_ids):
             what = "object lies" if len(np.unique(instance_labels)) <= 2 else "objects lie"
             raise CommitError(f"the {what} entirely on already committed objects; undo or erase them first")
         first = int(labels.max()) + 1
         box = _bounding_box(free)
-        written = np.zeros(labels[box].shape, labels.dtype)
+        written = np.zeros(free[box].shape, labels.dtype)
         written[free[box]] = first + new_values.reshape(-1)
         ids = tuple(range(first, first + len(object_ids)))
-        self._write(labels, box, written, ids)
+        self._write(labels, tuple(slice(s.start + o, s.stop + o) for s, o in zip(box, origin)), written, ids)
         return list(ids)
 
     def undo(self, labels: np.ndarray) -> list[int]:
@@ -183,6 +188,16 @@ class CommitHistory:
         self._steps.append(_Step(box, written, ids))
 
 
+def crop_to_objects(labels: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """``(H, W)`` labels cut to the bounding box of their objects (a copy), and the image pixel
+    (row, column) of the crop's pixel (0, 0); with no object, a ``(1, 1)`` crop at ``(0, 0)``."""
+    found = labels != 0
+    if not found.any():
+        return labels[:1, :1].copy(), (0, 0)
+    box = _bounding_box(found)
+    return labels[box].copy(), (box[0].start, box[1].start)
+
+
 def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
     """Row and column slices around the True pixels of a non-empty ``(H, W)`` mask."""
     rows = np.flatnonzero(mask.any(axis=1))
@@ -190,8 +205,11 @@ def _bounding_box(mask: np.ndarray) -> tuple[slice, slice]:
     return slice(int(rows[0]), int(rows[-1]) + 1), slice(int(cols[0]), int(cols[-1]) + 1)
 
 
-def _check_shapes(labels: np.ndarray, other: np.ndarray) -> None:
-    if labels.ndim != 2 or labels.shape != np.shape(other):
-        raise ValueError(
-            f"labels {labels.shape} and mask {np.shape(other)} must be (H, W) arrays of the same shape"
-        )
+def _region(labels: np.ndarray, shape: tuple[int, ...], origin: tuple[int, int]) -> tuple[slice, slice]:
+    """The part of ``(H, W)`` ``labels`` that an ``(h, w)`` array placed at ``origin`` covers."""
+    if labels.ndim != 2 or len(shape) != 2:
+        raise ValueError(f"labels {labels.shape} and mask {shape} must both be (H, W) arrays")
+    (top, left), (height, width) = origin, shape
+    if top < 0 or left < 0 or top + height > labels.shape[0] or left + width > labels.shape[1]:
+        raise ValueError(f"a {shape} mask at {tuple(origin)} does not lie inside the {labels.shape} labels")
+    return slice(top, top + height), slice(left, left + width)

@@ -40,7 +40,7 @@ from qtpy.QtWidgets import (
 
 from backend.dataset import DatasetError
 from backend.models import ModelError
-from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory
+from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory, crop_to_objects
 from napari_raysam.annotator.devices import available_devices
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
 from napari_raysam.annotator.image_source import ImageChannels, ImageError
@@ -527,16 +527,16 @@ class AnnotatorWidget(QWidget):
             self._say("add a positive point or a box first")
             return
 
-        def propose(progress) -> tuple[np.ndarray, str]:
-            labels = self.session.segment_objects(objects, progress)
-            # uint8 while it fits: a quarter of the memory napari copies and draws for a large image
-            return labels.astype(np.uint8) if labels.max() < 256 else labels, _proposal_message(labels)
+        def propose(progress) -> tuple[np.ndarray, tuple[int, int], str]:
+            # cropped to the objects, and uint8 while it fits: what napari copies and draws, not the whole image
+            labels, origin = crop_to_objects(self.session.segment_objects(objects, progress))
+            return labels.astype(np.uint8) if labels.max() < 256 else labels, origin, _proposal_message(labels)
 
         self._start(f"segmenting {len(objects)} object{'s' if len(objects) > 1 else ''}…", propose, self._show_proposal)
 
-    def _show_proposal(self, proposal: tuple[np.ndarray, str]) -> None:
-        labels, message = proposal
-        self.layers.show(CURRENT_LAYER, labels)
+    def _show_proposal(self, proposal: tuple[np.ndarray, tuple[int, int], str]) -> None:
+        labels, origin, message = proposal
+        self.layers.show(CURRENT_LAYER, labels, origin)
         self._say(message)
 
     def clear_prompts(self) -> None:
@@ -552,7 +552,7 @@ class AnnotatorWidget(QWidget):
             return
         committed = self._layer(COMMITTED_LAYER)
         try:
-            ids = self.history.commit_labels(committed.data, np.asarray(current.data, np.uint32))
+            ids = self.history.commit_labels(committed.data, current.data, self.layers.origin(CURRENT_LAYER))
         except CommitError as error:
             self._say(str(error))
             return

@@ -41,6 +41,7 @@ class AnnotatorLayers:
     def __init__(self, viewer: napari.viewer.Viewer, on_created: Callable[[str, Layer], None]) -> None:
         self.viewer = viewer
         self._on_created = on_created
+        self._scale, self._translate = np.ones(2), np.zeros(2)  # the image's last two axes (:meth:`place`)
 
     def get(self, name: str) -> Layer | None:
         """The layer called ``name``, or None (the user may have deleted it)."""
@@ -74,6 +75,7 @@ class AnnotatorLayers:
         the points for it; their data stay as they are. Cheap: no array is allocated."""
         self.create_missing()
         scale, translate = tuple(image.scale[-2:]), tuple(image.translate[-2:])
+        self._scale, self._translate = np.asarray(scale, float), np.asarray(translate, float)
         for name in (COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER):
             layer = self.get(name)
             if tuple(layer.scale) != scale or tuple(layer.translate) != translate:
@@ -92,17 +94,28 @@ class AnnotatorLayers:
         self.clear(CURRENT_LAYER)
         self.clear(AUTOMATIC_LAYER)
 
-    def show(self, name: str, labels: np.ndarray) -> None:
-        """Show ``labels`` ((H, W) integers, the image's size) in the labels layer ``name``: the
-        proposed object(s) or the automatic result."""
+    def show(self, name: str, labels: np.ndarray, origin: tuple[int, int] = (0, 0)) -> None:
+        """Show ``labels`` ((h, w) integers) in the labels layer ``name``, their pixel (0, 0) on the
+        image's pixel ``origin`` (row, column): the proposed objects cropped to their bounding box,
+        or the automatic result (the whole image). napari copies and colours every pixel of a labels
+        layer, so a crop is what keeps a prompt on a 10,000 x 10,000 image from stalling the viewer."""
         self.create_missing()
-        self.get(name).data = labels
+        layer = self.get(name)
+        layer.data = labels
+        layer.translate = self._translate + np.asarray(origin) * self._scale
+
+    def origin(self, name: str) -> tuple[int, int]:
+        """The image pixel (row, column) under pixel (0, 0) of the labels layer ``name`` (:meth:`show`)."""
+        offset = (np.asarray(self.get(name).translate[-2:]) - self._translate) / self._scale
+        return int(round(offset[0])), int(round(offset[1]))
 
     def clear(self, name: str) -> None:
         """Empty the labels layer ``name`` (the current object or the automatic result)."""
         layer = self.get(name)
         if layer is not None and (layer.data.shape != _EMPTY_SHAPE or layer.data.any()):
             layer.data = _empty(layer.data.dtype)
+        if layer is not None and self.origin(name) != (0, 0):
+            layer.translate = self._translate
 
     def keep_on_top(self) -> None:
         """Move this annotator's layers above all others, keeping their order: an image opened after
