@@ -9,7 +9,9 @@ longest stall. Three phases:
    cost), then with the dock open (``add_image`` timed too, the dock's handlers included); then
    *Compute embeddings* until the dock has read, scaled and hashed the plane and the image encoder
    starts (the first progress report of the tiled embedding), the rest of the embedding, and one
-   point prompt answered (a 10,000 x 10,000 proposal shown); ``random:tiny`` there, since only
+   point prompt answered (the proposal is shown cropped to its bounding box: its shape is printed,
+   as large as the image when the random model's mask spreads over it), then one whose answer is
+   replaced by a cell-sized 60 x 60 square (the display of what a trained model answers); ``random:tiny`` there, since only
    the event loop is measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
 2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
    frame is embedded, the series row computes the next one's embeddings in the background, then
@@ -105,7 +107,7 @@ def large_image_without_the_dock(viewer, loop: EventLoop, image: np.ndarray) -> 
 
 
 def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
-    from napari_raysam.widgets.annotator import POINTS_LAYER
+    from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
 
     figures: dict = {}
 
@@ -129,6 +131,20 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     figures["point_prompt_answered"] = loop.run_until(
         widget.segment, lambda: answered(widget)
     )
+    figures["proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
+    # the display of a cell-sized answer (what a trained model gives), the model's answer replaced
+    # by a 60 x 60 square at the point: the crop, not the image, is what napari then copies and draws
+    real = widget.session.segment_objects
+
+    def cell_sized(objects, progress=None):
+        labels = np.zeros_like(real(objects, progress))
+        labels[side // 2 - 30:side // 2 + 30, side // 2 - 30:side // 2 + 30] = 1
+        return labels
+
+    widget.session.segment_objects = cell_sized
+    figures["cell_sized_answer_shown"] = loop.run_until(widget.segment, lambda: answered(widget))
+    figures["cell_sized_proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
+    widget.session.segment_objects = real
     viewer.layers.clear()
     return figures
 
