@@ -256,7 +256,7 @@ def test_automatic_segmentation_gives_uint32_instance_labels(session, monkeypatc
 def test_point_grid_objects_under_the_minimum_size_are_dropped(session, monkeypatch):
     found = np.zeros((128, 128), np.uint32)
     found[0:3, 0:3], found[10:40, 10:40], found[50:52, 50:60], found[60:90, 60:90] = 1, 2, 3, 4  # 9, 900, 20, 900 px
-    monkeypatch.setattr(session_module.AutomaticMaskGenerator, "generate", lambda self, **kwargs: found.copy())
+    monkeypatch.setattr(AutomaticMaskGenerator, "generate", lambda self, **kwargs: found.copy())
     labels = session.automatic_segmentation(points_per_side=4, min_object_size=21)
     assert set(np.unique(labels)) == {0, 1, 2}  # the two large ones, renumbered
     assert (labels[10:40, 10:40] == 1).all() and (labels[60:90, 60:90] == 2).all() and not labels[0:3, 0:3].any()

@@ -24,23 +24,15 @@ are not evicted; delete the folder to reclaim space.
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import zarr
-from micro_sam.instance_segmentation import (
-    AutomaticMaskGenerator,
-    InstanceSegmentationWithDecoder,
-    TiledAutomaticMaskGenerator,
-    TiledInstanceSegmentationWithDecoder,
-)
 from micro_sam.prompt_based_segmentation import (
     segment_from_box,
     segment_from_box_and_points,
@@ -54,66 +46,18 @@ from backend.dataset import SampleEmbedding
 from backend.models import LoadedModel, build_instance_decoder, load_model
 from backend.uncertainty import POINTS_PER_SIDE, point_confidences, uncertainty
 from napari_raysam.annotator.annotations import default_cache_dir
+from napari_raysam.annotator.automatic import AIS, AMG, segment_automatically
 from napari_raysam.annotator.image_source import content_key
+from napari_raysam.annotator.progress import MicroSamProgress, ProgressCallback
 from napari_raysam.annotator.prompts import ObjectPrompt
 
 TILE_SHAPE = (1024, 1024)
 HALO = (256, 256)
 TILING_THRESHOLD = 2048  # images with a side longer than this are embedded tile-wise
 
-# micro-sam's names of its automatic segmentation methods (``SamSession.automatic_mode``).
-AIS = "ais"  # automatic instance segmentation with the model's instance segmentation decoder
-AMG = "amg"  # automatic mask generation from a grid of point prompts
-
-ProgressCallback = Callable[[int, int], None]
-
 
 class SessionError(ValueError):
     """The session cannot do what was asked yet; the message says what to do first."""
-
-
-class _Progress:
-    """Turns micro-sam's ``pbar_init(total, description)``, ``pbar_update(n)`` into ``progress(done, total)``.
-
-    Reports ``(0, 1)`` when created and ``(total, total)`` on :meth:`finish` if micro-sam did
-    not get there, so a caller always sees a start and an end (loading from the cache reports
-    nothing else).
-    """
-
-    def __init__(self, progress: ProgressCallback | None) -> None:
-        self._progress = progress
-        self._done, self._total = 0, 1
-        self._report()
-
-    def init(self, total: int, description: str = "") -> None:
-        self._done, self._total = 0, max(int(total), 1)
-        self._report()
-
-    def update(self, n: int = 1) -> None:
-        self._done = min(self._done + int(n), self._total)
-        self._report()
-
-    def finish(self) -> None:
-        if self._done < self._total:
-            self._done = self._total
-            self._report()
-
-    def _report(self) -> None:
-        if self._progress is not None:
-            self._progress(self._done, self._total)
-
-
-@contextlib.contextmanager
-def _garbage_collection_paused() -> Iterator[None]:
-    """Pause Python's cyclic garbage collector (process-wide) inside the block; objects freed by
-    reference counting are still freed at once."""
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 def embedding_cache_path(cache_dir: Path, encoder_fingerprint: str, rgb: np.ndarray) -> Path:
@@ -205,7 +149,7 @@ class SamSession:
         """
         rgb = self._checked_input(rgb)
         self.reset_image()
-        report = _Progress(progress)
+        report = MicroSamProgress(progress)
         tiled = max(rgb.shape[:2]) > TILING_THRESHOLD
         path = self._cache_path(rgb)
         embeddings = self._read_cache(rgb, path, tiled)
@@ -216,7 +160,7 @@ class SamSession:
                     with staging_folder(path) as staging:
                         self._precompute(rgb, staging, tiled, report)
                     # Reopened from its final place: tiled features are read lazily from that folder.
-                    embeddings = self._precompute(rgb, path, tiled, _Progress(None))
+                    embeddings = self._precompute(rgb, path, tiled, MicroSamProgress(None))
         self._embeddings = embeddings
         self._image_shape = (int(rgb.shape[0]), int(rgb.shape[1]))
         self._tiled = tiled
@@ -245,7 +189,7 @@ class SamSession:
         with self._computing:
             if path.exists():
                 return False
-            report = _Progress(progress)
+            report = MicroSamProgress(progress)
             with staging_folder(path) as staging:
                 self._precompute(rgb, staging, max(rgb.shape[:2]) > TILING_THRESHOLD, report, predictor)
             predictor.reset_image()  # frees the features it kept
@@ -271,7 +215,7 @@ class SamSession:
         tiled = max(rgb.shape[:2]) > TILING_THRESHOLD
         with self._computing:
             path = embedding_cache_path(self.cache_dir, model.encoder_fingerprint, rgb)
-            embeddings = self._precompute(rgb, path, tiled, _Progress(None), predictor)
+            embeddings = self._precompute(rgb, path, tiled, MicroSamProgress(None), predictor)
             confidences = []
             for tile in range(len(embeddings["features"])) if tiled else [None]:
                 set_precomputed(predictor, embeddings, tile_id=tile)
@@ -326,7 +270,7 @@ class SamSession:
         return embedding_cache_path(self.cache_dir, self.model.encoder_fingerprint, rgb)
 
     def _precompute(
-        self, rgb: np.ndarray, save_path: Path, tiled: bool, report: _Progress, predictor: SamPredictor | None = None
+        self, rgb: np.ndarray, save_path: Path, tiled: bool, report: MicroSamProgress, predictor: SamPredictor | None = None
     ) -> dict[str, Any]:
         """micro-sam's embeddings of ``rgb``: read from ``save_path`` if it holds them, else computed
         there by ``predictor`` (default: the session's)."""
@@ -347,7 +291,7 @@ class SamSession:
         if not path.exists():
             return None
         try:
-            return self._precompute(rgb, path, tiled, _Progress(None))
+            return self._precompute(rgb, path, tiled, MicroSamProgress(None))
         # The cache is disposable: whatever makes it unreadable (a deleted chunk, other tiling,
         # a file from another micro-sam version) is cured by computing it again.
         except Exception as error:  # noqa: BLE001
@@ -426,7 +370,7 @@ class SamSession:
         """
         if self._image_shape is None:
             raise SessionError("compute the embeddings first")
-        report = _Progress(progress)
+        report = MicroSamProgress(progress)
         report.init(len(objects))
         masks = []
         for done, prompt in enumerate(objects, 1):
@@ -474,113 +418,23 @@ class SamSession:
             raise SessionError("the box lies outside the image or has no area; draw it around the object")
         return np.array([y0, x0, y1, x1])
 
-    def automatic_segmentation(
-        self,
-        progress: ProgressCallback | None = None,
-        *,
-        points_per_side: int = 32,
-        pred_iou_thresh: float = 0.88,
-        stability_score_thresh: float = 0.95,
-        box_nms_thresh: float = 0.7,
-        min_mask_region_area: int = 0,
-        center_distance_threshold: float = 0.5,
-        boundary_distance_threshold: float = 0.5,
-        min_object_size: int = 0,
-    ) -> np.ndarray:
+    def automatic_segmentation(self, progress: ProgressCallback | None = None, **settings: float | int) -> np.ndarray:
         """Segment every object without prompts, with the method :attr:`automatic_mode` names.
 
-        ``AIS`` (the model carries micro-sam's instance segmentation decoder): the decoder predicts
-        foreground, center and boundary distance maps from the image's embeddings (per tile for a
-        tiled image), and a seeded watershed on them gives the objects; the arguments and defaults are
-        those of ``InstanceSegmentationWithDecoder.generate``, as micro-sam's
-        ``automatic_instance_segmentation`` runs it (a tiled image is post-processed tile-wise too).
-
-        ``AMG`` (every other model): a ``points_per_side`` x ``points_per_side`` grid of point
-        prompts (per tile for a tiled image) on the image's embeddings; the thresholds are those of
-        ``AutomaticMaskGenerator.generate`` with micro-sam's annotator defaults. The largest object
-        is removed as background, as micro-sam does.
-
-        Args:
-            progress: called as ``progress(done, total)`` from the calling thread, at the start,
-                per batch of grid points (AMG) or per tile (tiled image) and at the end.
-            points_per_side, pred_iou_thresh, stability_score_thresh, box_nms_thresh,
-                min_mask_region_area: AMG only.
-            center_distance_threshold, boundary_distance_threshold: AIS only; seeds are where both
-                predicted distances are below them.
-            min_object_size: objects of fewer pixels are removed (AIS: by micro-sam's ``min_size``;
-                AMG: afterwards, the others renumbered from 1).
-
-        Returns:
-            ``(H, W)`` uint32 instance ids, 0 = background; all zeros if nothing was found.
+        ``settings``: the thresholds and ``min_object_size`` of
+        :func:`napari_raysam.annotator.automatic.segment_automatically`, which runs it; ``progress``
+        is called as ``progress(done, total)``. Returns ``(H, W)`` uint32 instance ids, 0 = background.
 
         Raises:
             SessionError: if no image is set.
         """
         if self._embeddings is None or self._image_shape is None:
             raise SessionError("compute the embeddings first")
-        report = _Progress(progress)
-        # The image only gives the segmenters its size: the embeddings are reused, not recomputed.
-        image = np.zeros((*self._image_shape, 3), np.uint8)
-        initialize = {
-            "image_embeddings": self._embeddings,
-            "verbose": True,  # micro-sam calls pbar_init/pbar_update only when verbose
-            "pbar_init": report.init,
-            "pbar_update": report.update,
-        }
-        if self._decoder is not None:
-            segmenter_class = TiledInstanceSegmentationWithDecoder if self._tiled else InstanceSegmentationWithDecoder
-            segmenter = segmenter_class(self.predictor, self._decoder)
-            segmenter.initialize(image, **initialize)
-            tiling = {"tile_shape": TILE_SHAPE, "halo": HALO} if self._tiled else {}
-            segmentation = segmenter.generate(
-                center_distance_threshold=center_distance_threshold,
-                boundary_distance_threshold=boundary_distance_threshold,
-                min_size=min_object_size,
-                output_mode="instance_segmentation",
-                **tiling,
-            )
-        else:
-            generator_class = TiledAutomaticMaskGenerator if self._tiled else AutomaticMaskGenerator
-            # micro-sam keeps every grid mask as Python lists and deep-copies them; the cyclic garbage
-            # collector rescans those lists while holding the GIL, which froze napari's event loop for
-            # up to 1.1 s (bench/annotator.py). Reference counting frees them when the generator goes,
-            # before collection resumes, so the collector never sees them; and freed one mask at a
-            # time (``_free_grid_masks``), since freeing them all at once held the GIL for 108 ms.
-            with _garbage_collection_paused():
-                generator = generator_class(self.predictor, points_per_side=points_per_side)
-                generator.initialize(image, **initialize)
-                segmentation = generator.generate(
-                    pred_iou_thresh=pred_iou_thresh,
-                    stability_score_thresh=stability_score_thresh,
-                    box_nms_thresh=box_nms_thresh,
-                    min_mask_region_area=min_mask_region_area,
-                    output_mode="instance_segmentation",
-                )
-                _free_grid_masks(generator)
-            segmentation = _without_small_objects(np.asarray(segmentation, dtype=np.uint32), min_object_size)
-        report.finish()
-        return np.asarray(segmentation, dtype=np.uint32)
-
-
-def _free_grid_masks(generator: AutomaticMaskGenerator | TiledAutomaticMaskGenerator) -> None:
-    """Free ``generator``'s run-length encoded grid masks (hundreds of lists of thousands of ints)
-    one at a time: each ``pop`` is short, and Python hands the GIL to the event loop between them,
-    where dropping the whole list is one C call that holds it throughout."""
-    for mask_data in generator.crop_list or []:  # one per crop, or per tile for a tiled image
-        rles = mask_data["rles"]
-        while rles:
-            rles.pop()
-
-
-def _without_small_objects(labels: np.ndarray, min_size: int) -> np.ndarray:
-    """``(H, W)`` uint32 ``labels`` without the objects of fewer than ``min_size`` pixels, renumbered 1..N."""
-    if min_size <= 0:
-        return labels
-    ids, counts = np.unique(labels, return_counts=True)
-    kept = ids[(counts >= min_size) & (ids != 0)]
-    lookup = np.zeros(int(ids.max()) + 1, np.uint32)
-    lookup[kept] = np.arange(1, len(kept) + 1, dtype=np.uint32)
-    return lookup[labels]
+        return segment_automatically(
+            self.predictor, self._embeddings, self._image_shape, tiling=(TILE_SHAPE, HALO) if self._tiled else None,
+            decoder=self._decoder,
+            progress=progress, **settings,
+        )
 
 
 def _predictor(loaded: LoadedModel) -> SamPredictor:
