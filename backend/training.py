@@ -291,7 +291,7 @@ class SamFineTuner:
             samples += count
             if micro_count % accumulate == 0:
                 step = self._optimizer_step(epoch, step)
-                if self.out_of_time():
+                if self._budget_used >= 1:  # the share this step took: rank 0's on every rank
                     break
         if micro_count % accumulate:
             self._optimizer_step(epoch, step)

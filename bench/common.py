@@ -32,6 +32,16 @@ def machine() -> str:
     )
 
 
+def setting_value(text: str) -> int | float | str:
+    """A ``key=value`` setting's value from the command line: an int, a float, else the text (``constant``)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def start_bench(prefix: str) -> Path:
     """Start a CPU learning benchmark: torch uses ``$OMP_NUM_THREADS`` threads (1 by default, so
     runs compare on a shared machine), the machine and its load are printed, and a fresh work

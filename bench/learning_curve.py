@@ -29,10 +29,10 @@ from backend.config import TrainConfig
 from backend.models import load_model
 from backend.run_directory import kept_epoch
 from backend.training import train
-from common import hela_dataset, start_bench
+from common import hela_dataset, setting_value, start_bench
 from napari_raysam.cli import EPOCH_CAP
 from napari_raysam.demo import score
-from napari_raysam.runs import MetricsReader
+from napari_raysam.runs import MetricsReader, read_progress
 
 # micro-sam's recipe as the demo ran it (25 objects x 8 rounds needs ~10 GB, see BENCHMARKS), and
 # the random-start learning rate measured for it in the demo (1e-3 beats micro-sam's 1e-4 default).
@@ -45,7 +45,7 @@ def budgeted_run(config: TrainConfig, test: Path) -> dict:
     model = load_model(str(train(config)))
     cpu_s = time.process_time() - cpu_before
     metrics = MetricsReader(config.run_dir).read()
-    progress = json.loads((config.run_dir / "progress.json").read_text())
+    progress = read_progress(config.run_dir)
     scores = score(model, test)  # the demo's 40 evenly spread objects per frame
     return {"box_iou": scores["box_iou"], "point_iou": scores["point_iou"], "epochs": len(metrics),
             "kept_epoch": kept_epoch(metrics)["epoch"], "trained_s": progress["elapsed_s"], "cpu_s_with_setup": cpu_s,
@@ -63,7 +63,7 @@ def main() -> None:
     data = hela_dataset(work / "data")
     test = data if args.dev else data.parent / "hela_test.zarr"
     split = "val" if args.dev else "held-out"
-    fast = {"recipe": "fast", **{k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}}
+    fast = {"recipe": "fast", **{k: setting_value(v) for k, v in (s.split("=", 1) for s in args.set)}}
     start = score(load_model("random:vit_t"), test)
     print(f"start: {split} box IoU {start['box_iou']:.4f}, point IoU {start['point_iou']:.4f}", flush=True)
     results = [{"recipe": "start", "box_iou": start["box_iou"], "point_iou": start["point_iou"]}]

@@ -22,20 +22,11 @@ from backend.config import TrainConfig
 from backend.models import load_model
 from backend.run_directory import kept_epoch
 from backend.training import train
-from common import hela_dataset, start_bench
+from common import hela_dataset, setting_value, start_bench
 from napari_raysam.demo import score
 from napari_raysam.runs import MetricsReader
 
 RECIPE_CONSTANTS = ("FAR_ROWS", "MIN_CROP")
-
-
-def _number_or_text(value: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
 
 
 def parse_setting(text: str) -> tuple[dict, dict]:
@@ -46,7 +37,7 @@ def parse_setting(text: str) -> tuple[dict, dict]:
         if key in RECIPE_CONSTANTS:
             constants[key] = int(value)
         else:
-            fields[key] = _number_or_text(value)
+            fields[key] = setting_value(value)
     return fields, constants
 
 

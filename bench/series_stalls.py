@@ -91,7 +91,7 @@ class EventLoop:
                 "timed_out": "done" not in times}
 
 
-def answered(widget) -> bool:
+def proposal_shown(widget) -> bool:
     """Whether the dock's last Segment is done and its proposal shown: while it runs the status line
     says "segmenting…", after it "proposed …" (the layer holds only the objects' bounding box)."""
     return widget._worker is None and widget.status.text().startswith("proposed")
@@ -129,7 +129,7 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     side = image.shape[-1]
     viewer.layers[POINTS_LAYER].data = [[side / 2, side / 2]]
     figures["point_prompt_answered"] = loop.run_until(
-        widget.segment, lambda: answered(widget)
+        widget.segment, lambda: proposal_shown(widget)
     )
     figures["proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
     # the display of a cell-sized answer (what a trained model gives), the model's answer replaced
@@ -142,7 +142,7 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
         return labels
 
     widget.session.segment_objects = cell_sized
-    figures["cell_sized_answer_shown"] = loop.run_until(widget.segment, lambda: answered(widget))
+    figures["cell_sized_answer_shown"] = loop.run_until(widget.segment, lambda: proposal_shown(widget))
     figures["cell_sized_proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
     widget.session.segment_objects = real
     viewer.layers.clear()
@@ -166,7 +166,7 @@ def prompts_behind(widget, loop: EventLoop, labels: np.ndarray, count: int) -> d
             widget.segment()
 
         step = loop.run_until(
-            prompt, lambda: answered(widget)
+            prompt, lambda: proposal_shown(widget)
         )
         answers.append(step["action_to_done_s"])
         stalls.append(step["max_stall_ms"])
@@ -204,7 +204,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
                 widget.segment()  # in the dock's worker
                 asked.append(time.perf_counter())
                 return False
-            return answered(widget)
+            return proposal_shown(widget)
 
         pressed: list[float] = []
         step = loop.run_until(lambda: (pressed.append(time.perf_counter()), widget.series.next()), answered)

@@ -112,9 +112,11 @@ class AnnotatorLayers:
     def clear(self, name: str) -> None:
         """Empty the labels layer ``name`` (the current object or the automatic result)."""
         layer = self.get(name)
-        if layer is not None and (layer.data.shape != _EMPTY_SHAPE or layer.data.any()):
+        if layer is None:
+            return
+        if layer.data.shape != _EMPTY_SHAPE or layer.data.any():
             layer.data = _empty(layer.data.dtype)
-        if layer is not None and self.origin(name) != (0, 0):
+        if self.origin(name) != (0, 0):
             layer.translate = self._translate
 
     def keep_on_top(self) -> None:
