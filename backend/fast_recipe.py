@@ -40,16 +40,21 @@ INPUT_SIZE = 1024
 GRID = 64
 """Side of the image-token grid; one token is 16 x 16 input pixels."""
 TOKEN = INPUT_SIZE // GRID
-MIN_CROP = 16
-"""Smallest decoded window, in image tokens (a quarter of the grid's side)."""
+MIN_CROP = 8
+"""Smallest decoded window, in image tokens (an eighth of the grid's side; chosen on the val frames:
+a HeLa cell is ~2 tokens wide, and 8 x 8 windows train twice the steps of 16 x 16 in the same time)."""
 VAL_OBJECTS = 64
 """Objects per val image that validation prompts (spread over the image's objects)."""
 BOX_JITTER = 0.05
 """Box corners move by up to this fraction of the box's side (annotators draw loose boxes)."""
 MARGIN = 0.5
 """The cross-entropy window around an object: its box grown by this fraction of its size per side."""
-FAR_ROWS = 2
-"""Rows of far-away image tokens (a window's width each) decoded below each object's window."""
+FAR_ROWS = 4
+"""Rows of far-away image tokens (a window's width each) decoded below each object's window (half
+as many tokens as an 8 x 8 window; 2, 6 and 8 rows did worse on the val frames)."""
+MASK_PROB = 0.5
+"""Chance that a corrective round also gets the previous round's logits as its mask prompt
+(micro-sam's ``mask_prob``): annotators may feed them back (micro-sam's evaluation does) or not."""
 
 
 @dataclass
@@ -106,7 +111,7 @@ def prepare_image(embedding: torch.Tensor, labels: np.ndarray, device: torch.dev
 
 
 def _crop_size(boxes: torch.Tensor) -> int:
-    """Side (image tokens) of the windows a step decodes: twice the largest box, 16 to 64, a multiple of 4."""
+    """Side (image tokens) of the windows a step decodes: twice the largest box, ``MIN_CROP`` to 64, a multiple of 4."""
     largest = float((boxes[:, 2:] - boxes[:, :2]).max()) / TOKEN if len(boxes) else 0.0
     return int(min(GRID, max(MIN_CROP, 4 * math.ceil(2 * largest / 4))))
 
@@ -168,6 +173,7 @@ def _decode(
     far: torch.Tensor,
     size: int,
     groups: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]],
+    mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ONE batched decoder pass, each prompt over its own window of the image tokens.
 
@@ -175,7 +181,9 @@ def _decode(
     ``((b, n, 2) coords, (b, n) labels)`` or None, boxes ``(b, 4)`` or None; input-frame
     coordinates), each encoding to the same number of prompt tokens; ``origins`` ``(B, 2)``
     are the windows' token origins, B the groups' total, ``far`` ``(B, FAR_ROWS * size)`` the
-    far-away tokens decoded with each window (``_far_tokens``). Returns
+    far-away tokens decoded with each window (``_far_tokens``). ``mask_prompts``: ``(B, 4 *
+    (size + FAR_ROWS), 4 * size)`` logits laid out as this function returns them and a ``(B,)``
+    bool of the prompts that get them as SAM's mask prompt (the others get none). Returns
     ``(B, 4, 4 * (size + FAR_ROWS), 4 * size)`` logits of each window with its far rows below
     and ``(B, 4)`` IoU predictions; mask 0 is SAM's single-mask output, 1-3 its multimask ones.
 
@@ -192,7 +200,15 @@ def _decode(
     output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     tokens = torch.cat((output_tokens[None].expand(batch, -1, -1), sparse), dim=1)
     src = _window_with_far_rows(embedding, origins, far, size, 1)
-    src = src + sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+    if mask_prompts is None:
+        src = src + no_mask
+    else:
+        logits, used = mask_prompts
+        # SAM's mask encoder is local too (stride = kernel, per-pixel norms): a token's dense
+        # embedding comes from its own 4 x 4 logits, so the window's logits give the window's tokens
+        dense = sam.prompt_encoder.mask_downscaling(logits[:, None])
+        src = src + torch.where(used[:, None, None, None], dense, no_mask)
     dense_pe = sam.prompt_encoder.get_dense_pe()
     pos = _window_with_far_rows(dense_pe, origins, far, size, 1)
     # from here on SAM's MaskDecoder.predict_masks, minus its repeat of one image per prompt
@@ -274,7 +290,8 @@ def train_image(
 
     Half the objects start from a jittered box, half from a random interior point; each later
     round adds one click per object at a random pixel of its error (positive where the mask
-    misses the object, negative where it spills over). Gradients accumulate into ``sam``'s
+    misses the object, negative where it spills over) and, with probability ``MASK_PROB``, the
+    previous round's logits as the mask prompt. Gradients accumulate into ``sam``'s
     parameters, scaled by ``loss_scale``; returns (mean loss over rounds, objects used).
     """
     chosen = torch.randperm(image.n_objects, generator=generator, device=generator.device)[:n_objects]
@@ -294,6 +311,7 @@ def train_image(
     box_coords = torch.zeros(n_box, 0, 2, device=targets.device)
     box_labels = torch.zeros(n_box, 0, dtype=torch.int64, device=targets.device)
     total = 0.0
+    mask_prompts = None
     for round_index in range(rounds):
         groups = []
         if n_box:
@@ -302,7 +320,7 @@ def train_image(
             groups.append(((torch.cat(point_coords, 1), torch.cat(point_labels, 1)), None))
         # box starts and point starts encode to the same number of tokens in every round
         # (box: 2 corners + clicks; points: start + clicks + SAM's padding token), so one pass serves both
-        logits, iou_pred = _decode(sam, image.embedding, origins, far, size, groups)
+        logits, iou_pred = _decode(sam, image.embedding, origins, far, size, groups, mask_prompts)
         losses, ious = _per_object_losses(logits, targets, windows)
         picked = torch.zeros(count, dtype=torch.int64, device=logits.device)
         if round_index == 0 and count > n_box:
@@ -321,6 +339,8 @@ def train_image(
             box_labels = torch.cat([box_labels, positive[:n_box, None]], 1)
             point_coords.append(clicks[n_box:, None])
             point_labels.append(positive[n_box:, None])
+            used = torch.rand(count, generator=generator, device=logits.device) < MASK_PROB
+            mask_prompts = (logits.detach()[rows, picked], used)
     return total / rounds, count
 
 

@@ -51,17 +51,30 @@ ProgressCallback = Callable[[int, int], None]
 class ObjectClicks:
     """The simulated annotation of one object.
 
-    ``clicks``: prompts given, the box counting as the first (1 to ``max_clicks``); ``iou``: IoU
-    of the last mask with the object; ``reached``: whether ``iou >= target_iou`` (when False,
-    ``clicks == max_clicks``).
+    ``clicks``: prompts given, the box counting as the first (1 to ``max_clicks``); ``ious``: the
+    mask's IoU with the object after each click (``clicks`` of them); ``reached``: whether the last
+    IoU is ``>= target_iou`` (when False, ``clicks == max_clicks``).
     """
 
     image: int
     """Index of the object's image in the input."""
     object_id: int
-    clicks: int
-    iou: float
+    ious: tuple[float, ...]
     reached: bool
+
+    @property
+    def clicks(self) -> int:
+        return len(self.ious)
+
+    @property
+    def iou(self) -> float:
+        """The IoU of the last mask."""
+        return self.ious[-1]
+
+    def clicks_to(self, iou: float, max_clicks: int = MAX_CLICKS) -> int:
+        """Clicks this object took to reach ``iou`` (at most the target it ran to); ``max_clicks`` when
+        it never did."""
+        return next((click for click, reached in enumerate(self.ious, 1) if reached >= iou), max_clicks)
 
 
 def corrective_click(predicted: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int] | None:
@@ -93,8 +106,8 @@ def annotate_object(
     *,
     target_iou: float = TARGET_IOU,
     max_clicks: int = MAX_CLICKS,
-) -> tuple[int, float]:
-    """Annotate one object on the image already set in ``predictor``; returns ``(clicks, final IoU)``.
+) -> list[float]:
+    """Annotate one object on the image already set in ``predictor``; returns the IoU after each click.
 
     ``truth`` is the object's ``(H, W)`` bool mask, ``box`` its ``(4,)`` XYXY box in pixels
     (exclusive max). Runs under the caller's grad mode and model mode (see ``simulate_annotator``).
@@ -103,6 +116,7 @@ def annotate_object(
     point_labels: list[int] = []
     logits = None
     true_mask = torch.from_numpy(truth[None])
+    ious = []
     for clicks in range(1, max_clicks + 1):
         masks, _, logits = predictor.predict(
             point_coords=np.array(points, np.float32) if points else None,
@@ -112,13 +126,14 @@ def annotate_object(
             multimask_output=False,
         )
         iou = float(mask_iou(torch.from_numpy(masks), true_mask)[0])
+        ious.append(iou)
         if iou >= target_iou or clicks == max_clicks:
             break
         # IoU < target_iou <= 1, so the masks differ and there is a click.
         (x, y), polarity = corrective_click(masks[0], truth)  # type: ignore[misc]
         points.append((x, y))
         point_labels.append(polarity)
-    return clicks, iou
+    return ious
 
 
 def simulate_annotator(
@@ -167,10 +182,8 @@ def simulate_annotator(
             set_predictor_image(predictor, image)
             object_ids, boxes, _ = object_prompts(label)
             for object_id, box in zip(object_ids, boxes.numpy()):
-                clicks, iou = annotate_object(
-                    predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks
-                )
-                results.append(ObjectClicks(index, object_id, clicks, iou, iou >= target_iou))
+                ious = annotate_object(predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks)
+                results.append(ObjectClicks(index, object_id, tuple(ious), ious[-1] >= target_iou))
                 if progress is not None:
                     progress(len(results), total)
     return results

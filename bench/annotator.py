@@ -288,7 +288,7 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
     viewer.add_image(plane, name="HeLa frame 0")
     widget = AnnotatorWidget(viewer, cache_dir=work / "gui-cache")
     viewer.window.add_dock_widget(widget, name="SAM annotator")
-    widget.model_combo.setCurrentText(MODEL)
+    widget.model_panel.combo.setCurrentText(MODEL)
     widget.grid_spin.setValue(grid)
     app = QApplication.instance()
 

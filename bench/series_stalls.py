@@ -117,7 +117,7 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
         figures["napari_add_image_s"] = round(time.perf_counter() - begin, 2)  # the dock's handlers included
 
     figures["open"] = loop.run_until(add, lambda: widget.image.layer_combo.currentText() == "large")
-    widget.model_combo.setCurrentText("random:tiny")
+    widget.model_panel.combo.setCurrentText("random:tiny")
     loop.run_until(widget.load_model, lambda: widget._worker is None)
     progress: list[tuple[int, int]] = []
     widget._progress.changed.connect(lambda done, total: progress.append((done, total)))
@@ -183,7 +183,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
     frames, labels = hela_frames()
     viewer.add_image(frames, name="HeLa series")
     widget.image.layout_combo.setCurrentIndex(0)  # slices
-    widget.model_combo.setCurrentText("random:vit_t")
+    widget.model_panel.combo.setCurrentText("random:vit_t")
     loop.run_until(widget.load_model, lambda: widget._worker is None)
     viewer.dims.set_point(0, 0)
     loop.run_until(widget.compute_embeddings, lambda: widget._worker is None)

@@ -46,8 +46,8 @@ def press(qtbot, viewer, key, modifier=Qt.KeyboardModifier.NoModifier) -> None:
 
 
 def load_tiny_model(qtbot, widget: AnnotatorWidget) -> None:
-    widget.model_combo.setCurrentText("random:tiny")
-    qtbot.mouseClick(widget.load_model_button, Qt.MouseButton.LeftButton)
+    widget.model_panel.combo.setCurrentText("random:tiny")
+    qtbot.mouseClick(widget.model_panel.load_button, Qt.MouseButton.LeftButton)
     wait_for_worker(qtbot, widget)
     assert widget.session.model is not None, widget.status.text()
 
@@ -137,9 +137,9 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
 
     # export appends the image and its committed labels
     data = tmp_path / "annotations.zarr"
-    widget.dataset_edit.setText(str(data))
-    widget.split_combo.setCurrentText("val")
-    click(qtbot, widget.export_button)
+    widget.export_panel.dataset_edit.setText(str(data))
+    widget.export_panel.split_combo.setCurrentText("val")
+    click(qtbot, widget.export_panel.button)
     wait_for_worker(qtbot, widget)
     dataset = open_dataset(data)
     [sample] = dataset.sample_ids("val")
@@ -221,10 +221,10 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
     # into the other split moves it there: never twice, never in both splits
     propose_square(widget, np.s_[30:50, 30:50])
     click(qtbot, widget.commit_button)
-    widget.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
+    widget.export_panel.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
     for split in ("train", "val"):
-        widget.split_combo.setCurrentText(split)
-        click(qtbot, widget.export_button)
+        widget.export_panel.split_combo.setCurrentText(split)
+        click(qtbot, widget.export_panel.button)
         wait_for_worker(qtbot, widget)
     assert "0 new, 1 updated" in widget.status.text()
     dataset = open_dataset(tmp_path / "hpa.zarr")
@@ -278,8 +278,8 @@ def test_bad_images_get_a_plain_message(annotator, qtbot, data, message):
 def test_no_image_and_unloadable_model_get_plain_messages(annotator, qtbot, tmp_path):
     viewer, widget = annotator
     assert not widget.embed_button.isEnabled()
-    widget.model_combo.setCurrentText(str(tmp_path / "missing.pt"))
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(str(tmp_path / "missing.pt"))
+    click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
     assert "no file or folder" in widget.status.text()
     press(qtbot, viewer, Qt.Key.Key_S)
@@ -307,8 +307,8 @@ def test_model_switch_keeps_embeddings_only_when_the_encoder_is_unchanged(annota
 
     # a decoder fine-tune, chosen as its run folder: the embeddings stay
     _saved_variant(tmp_path / "run-1" / "model", "mask_decoder")
-    widget.model_combo.setCurrentText(str(tmp_path / "run-1"))
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(str(tmp_path / "run-1"))
+    click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
     assert "embeddings were kept" in widget.status.text()
     assert widget.session.model.source == str(tmp_path / "run-1" / "model")
@@ -316,8 +316,8 @@ def test_model_switch_keeps_embeddings_only_when_the_encoder_is_unchanged(annota
 
     # another image encoder: the embeddings are recomputed without asking
     _saved_variant(tmp_path / "encoder-tuned", "image_encoder")
-    widget.model_combo.setCurrentText(str(tmp_path / "encoder-tuned"))
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(str(tmp_path / "encoder-tuned"))
+    click(qtbot, widget.model_panel.load_button)
     qtbot.waitUntil(lambda: "embeddings ready" in widget.status.text(), timeout=WORKER_TIMEOUT_MS)
     assert widget.session.model.encoder_fingerprint != first
 
@@ -327,8 +327,8 @@ def test_a_checkpoint_of_another_architecture_is_refused_in_plain_words(annotato
     load_tiny_model(qtbot, widget)
     vit_t_keys = {"image_encoder.patch_embed.seq.0.c.weight": torch.zeros(1), "mask_decoder.x": torch.zeros(1)}
     safetensors.torch.save_file(vit_t_keys, str(tmp_path / "other.safetensors"))
-    widget.model_combo.setCurrentText(str(tmp_path / "other.safetensors"))
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(str(tmp_path / "other.safetensors"))
+    click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
     assert "other.safetensors" in widget.status.text()
     assert widget.session.model.source == "random:tiny"  # the loaded model stays
@@ -368,7 +368,7 @@ def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
     assert path.is_file()
     # the dock is laid out at a readable size and every button is on screen
     assert widget.width() >= 250 and widget.isVisible()
-    for button in (widget.segment_button, widget.commit_button, widget.export_button):
+    for button in (widget.segment_button, widget.commit_button, widget.export_panel.button):
         assert button.isVisible() and button.width() >= 40 and button.height() >= 15
     assert screenshot.shape[1] > widget.width()
 
@@ -382,9 +382,9 @@ def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbo
     click(qtbot, widget.commit_button)
     key = widget._plane_key
     viewer.layers.remove(layer)
-    assert not widget.segment_button.isEnabled() and not widget.export_button.isEnabled()
+    assert not widget.segment_button.isEnabled() and not widget.export_panel.button.isEnabled()
     assert widget.store.load(key, (96, 96))[10, 10] == 1
-    widget.dataset_edit.setText("out.zarr")
+    widget.export_panel.dataset_edit.setText("out.zarr")
     widget.export()
     assert "nothing to export" in widget.status.text()
 
@@ -393,10 +393,10 @@ def test_a_model_with_an_instance_decoder_segments_automatically_with_it(annotat
     viewer, widget = annotator
     image, _ = synthetic_cells(np.random.default_rng(9), shape=(96, 96), n_channels=1, n_cells=3)
     viewer.add_image(image[0], name="cells")
-    widget.model_combo.setCurrentText(decoder_model)
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(decoder_model)
+    click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
-    assert "instance decoder" in widget.model_label.text() and not widget.grid_spin.isEnabled()
+    assert "instance decoder" in widget.model_panel.label.text() and not widget.grid_spin.isEnabled()
     spins = widget.automatic_settings.spins
     assert spins["center_distance_threshold"].isEnabled() and not spins["pred_iou_thresh"].isEnabled()
     click(qtbot, widget.embed_button)

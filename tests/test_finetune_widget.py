@@ -68,8 +68,8 @@ def docks(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch, request
     pairs = [synthetic_cells(rng, shape=(96, 96), n_channels=1, n_cells=4) for _ in range(3)]
     viewer.add_image(np.stack([image[0] for image, _ in pairs]), name="cells")
     annotator.image.layout_combo.setCurrentIndex(0)  # the short first axis holds slices here, not channels
-    annotator.model_combo.setCurrentText("random:tiny")
-    click(qtbot, annotator.load_model_button)
+    annotator.model_panel.combo.setCurrentText("random:tiny")
+    click(qtbot, annotator.model_panel.load_button)
     qtbot.waitUntil(lambda: not annotator.busy and annotator.model_source == "random:tiny", timeout=120_000)
     for z, (_, labels) in enumerate(pairs):
         viewer.dims.set_current_step(0, z)

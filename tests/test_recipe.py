@@ -87,6 +87,46 @@ def test_each_object_is_also_trained_on_far_away_tokens_as_background():
         assert torch.equal(far_cells, expected)
 
 
+def test_a_corrective_rounds_mask_prompt_is_what_sam_encodes_from_the_whole_logit_grid():
+    """Annotators feed the previous logits back as the mask prompt (micro-sam's evaluation does):
+    the windowed pass must give each token what SAM's prompt encoder gives it from all 256 x 256."""
+    from backend import fast_recipe
+
+    sam = load_model("random:tiny").sam.eval()
+    generator = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[100.0, 200.0, 150.0, 260.0], [700.0, 40.0, 790.0, 120.0]])
+    size = fast_recipe._crop_size(boxes)
+    origins = fast_recipe._crop_origins(boxes, size, generator)
+    far = fast_recipe._far_tokens(origins, size, generator)
+    logit_grid = torch.randn(2, 256, 256) * 5
+    with torch.no_grad():
+        whole = sam.prompt_encoder.mask_downscaling(logit_grid[:, None])  # (2, 256, 64, 64), SAM's own
+        windowed = sam.prompt_encoder.mask_downscaling(
+            fast_recipe._window_with_far_rows(logit_grid, origins, far, size, 4)[:, None]
+        )
+    expected = fast_recipe._window_with_far_rows(whole, origins, far, size, 1)
+    assert windowed.shape == expected.shape == (2, whole.shape[1], size + fast_recipe.FAR_ROWS, size)
+    torch.testing.assert_close(windowed, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
+    """With corrective rounds, the previous logits fed back as a mask prompt are trained on."""
+    from backend import fast_recipe
+
+    sam = load_model("random:tiny").sam
+    data = open_dataset(hela_crops[0])
+    labels = data.labels(data.sample_ids("train")[0])
+    embedding = torch.randn(1, sam.prompt_encoder.embed_dim, 64, 64)  # any embedding: only the gradients matter
+    image = fast_recipe.prepare_image(embedding, labels, torch.device("cpu"))
+    mask_encoder = sam.prompt_encoder.mask_downscaling
+    for rounds, trained in ((1, False), (3, True)):
+        sam.zero_grad(set_to_none=True)
+        fast_recipe.train_image(sam, image, n_objects=8, rounds=rounds, generator=torch.Generator().manual_seed(0),
+                                loss_scale=1.0)
+        grads = [p.grad for p in mask_encoder.parameters()]
+        assert all(g is not None and g.abs().sum() > 0 for g in grads) == trained, rounds
+
+
 def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_path):
     cfg = fast_config(cell_dataset, tmp_path, epochs=1000, minutes=0.2, samples_per_epoch=3)
     model = train(cfg)

@@ -10,6 +10,7 @@ from backend.models import build_sam
 from backend.object_prompts import object_prompts
 from backend.simulated_annotator import (
     MAX_CLICKS,
+    ObjectClicks,
     annotate_object,
     click_summary,
     corrective_click,
@@ -105,10 +106,17 @@ def test_the_corrective_click_follows_the_error(tiny_sam):
     predictor = StubPredictor(tiny_sam, labels, "left-half")
     [object_id], boxes, _ = object_prompts(labels)
 
-    clicks, iou = annotate_object(predictor, labels == object_id, boxes[0].numpy())
+    ious = annotate_object(predictor, labels == object_id, boxes[0].numpy())
 
-    assert (clicks, iou) == (2, 1.0)
+    assert len(ious) == 2 and ious[0] < 0.9 and ious[1] == 1.0
     assert list(predictor.calls[1]["labels"]) == [1]
+
+
+def test_clicks_to_a_lower_iou_are_read_from_the_same_annotation():
+    result = ObjectClicks(image=0, object_id=1, ious=(0.2, 0.6, 0.95), reached=True)
+    assert (result.clicks, result.iou) == (3, 0.95)
+    assert (result.clicks_to(0.1), result.clicks_to(0.5), result.clicks_to(0.9)) == (1, 2, 3)
+    assert result.clicks_to(0.99) == MAX_CLICKS  # never reached: counted as every click
 
 
 def _square(mask: np.ndarray, row: int, col: int, side: int) -> None:

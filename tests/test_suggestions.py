@@ -73,8 +73,8 @@ def test_suggested_goes_to_the_hard_image_then_to_another_once_it_is_annotated(a
     series = widget.series
     assert not series.suggested_button.isEnabled()
     assert "load a model" in series.suggested_button.toolTip()
-    widget.model_combo.setCurrentText(fine_tuned)
-    click(qtbot, widget.load_model_button)
+    widget.model_panel.combo.setCurrentText(fine_tuned)
+    click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
     click(qtbot, widget.embed_button)
     wait_for_worker(qtbot, widget)

@@ -213,3 +213,13 @@ def _region(labels: np.ndarray, shape: tuple[int, ...], origin: tuple[int, int])
     if top < 0 or left < 0 or top + height > labels.shape[0] or left + width > labels.shape[1]:
         raise ValueError(f"a {shape} mask at {tuple(origin)} does not lie inside the {labels.shape} labels")
     return slice(top, top + height), slice(left, left + width)
+
+
+def proposal_message(labels: np.ndarray) -> str:
+    """What the status line says about ``labels``, the objects proposed for prompts 1, 2, ... (0 where
+    a prompt found nothing). Seconds for a large image (``np.unique``): call it in the worker."""
+    found = len(np.unique(labels[labels > 0]))
+    if found <= 1:
+        return f"proposed object: {int(np.count_nonzero(labels))} pixels. Commit [C] keeps it; add points to correct it"
+    empty = int(labels.max()) - found
+    return f"proposed {found} objects" + (f" ({empty} prompts gave none)" if empty else "") + ". Commit [C] keeps them all"

@@ -4,15 +4,15 @@ Thin by design: images are read by :mod:`napari_raysam.annotator.image_source`, 
 :class:`napari_raysam.annotator.session.SamSession`, commits/undo and autosave live in
 :mod:`napari_raysam.annotator.annotations`, export in :func:`backend.dataset.write_samples`.
 The dock's parts are widgets of their own: the image box (``annotator_image``), the series row
-(``annotator_series``), the layers (``annotator_layers``), the automatic settings
-(``annotator_automatic``). This module wires them to buttons, keys and thread workers.
-Everything slow (model loading, embeddings, segmentation, export) runs in a worker thread;
-errors end up in the status line, in plain words, never in a traceback dialog.
+(``annotator_series``), the model and export boxes (``annotator_panels``), the layers
+(``annotator_layers``), the automatic settings (``annotator_automatic``). This module wires them
+to buttons, keys and thread workers. Everything slow (model loading, embeddings, segmentation,
+export) runs in a worker thread (``tasks``); errors end up in the status line, in plain words,
+never in a traceback dialog.
 """
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -21,16 +21,12 @@ from typing import Any
 import numpy as np
 import napari
 from napari.layers import Image
-from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
-    QFileDialog,
-    QFormLayout,
     QGroupBox,
     QHBoxLayout,
     QLabel,
-    QLineEdit,
     QProgressBar,
     QPushButton,
     QSpinBox,
@@ -40,17 +36,22 @@ from qtpy.QtWidgets import (
 
 from backend.dataset import DatasetError
 from backend.models import ModelError
-from napari_raysam.annotator.annotations import AnnotationStore, CommitError, CommitHistory, crop_to_objects
-from napari_raysam.annotator.devices import available_devices
+from napari_raysam.annotator.annotations import (
+    AnnotationStore,
+    CommitError,
+    CommitHistory,
+    crop_to_objects,
+    proposal_message,
+)
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
 from napari_raysam.annotator.image_source import ImageChannels, ImageError
-from napari_raysam.annotator.model_sources import model_choices, resolve_model_source
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
 from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets import annotator_series
 from napari_raysam.widgets.annotator_automatic import AutomaticSettings
-from napari_raysam.widgets.annotator_image import ImageChooser, compact_combo
+from napari_raysam.widgets.annotator_image import ImageChooser
+from napari_raysam.widgets.annotator_panels import ExportPanel, ModelPanel
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -60,8 +61,7 @@ from napari_raysam.widgets.annotator_layers import (
     POINTS_LAYER,
     AnnotatorLayers,
 )
-
-log = logging.getLogger(__name__)
+from napari_raysam.widgets.tasks import failure_message, start_task
 
 _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long
 
@@ -88,16 +88,6 @@ class _Progress(QObject):
 
 
 _ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakValueDictionary()
-
-
-def _proposal_message(labels: np.ndarray) -> str:
-    """What the status line says about ``labels``, the objects proposed for prompts 1, 2, ... (0 where
-    a prompt found nothing). Seconds for a large image (``np.unique``): call it in the worker."""
-    found = len(np.unique(labels[labels > 0]))
-    if found <= 1:
-        return f"proposed object: {int(np.count_nonzero(labels))} pixels. Commit [C] keeps it; add points to correct it"
-    empty = int(labels.max()) - found
-    return f"proposed {found} objects" + (f" ({empty} prompts gave none)" if empty else "") + ". Commit [C] keeps them all"
 
 
 def annotator_for(viewer: napari.viewer.Viewer) -> AnnotatorWidget | None:
@@ -193,30 +183,11 @@ class AnnotatorWidget(QWidget):
         self.image.add_row("Series", self.series)
         layout.addWidget(self.image)
 
-        model_box = QGroupBox("Model")
-        model_form = QFormLayout(model_box)
-        self.model_combo = compact_combo("A micro-sam model name, a model file or folder, or a fine-tuning run folder")
-        self.model_combo.setEditable(True)
-        self.model_combo.addItems(model_choices())
-        browse_file = QPushButton("File…", toolTip="Choose a checkpoint file (.pt, .pth, .safetensors)")
-        browse_file.clicked.connect(lambda: self._browse_model(folder=False))
-        browse_folder = QPushButton("Folder…", toolTip="Choose a model folder or a fine-tuning run folder")
-        browse_folder.clicked.connect(lambda: self._browse_model(folder=True))
-        model_row = QHBoxLayout()
-        model_row.addWidget(self.model_combo, stretch=1)
-        model_row.addWidget(browse_file)
-        model_row.addWidget(browse_folder)
-        model_form.addRow("Model", model_row)
-        self.device_combo = compact_combo("Where SAM runs: a GPU is many times faster than the CPU. Changing it reloads the model")
-        self.device_combo.addItems(available_devices())
-        self.session.device = self.device_combo.currentText()  # the fastest there is
-        self.device_combo.currentTextChanged.connect(self._on_device_choice)
-        model_form.addRow("Device", self.device_combo)
-        self.load_model_button = QPushButton("Load model", toolTip="Load the chosen model; embeddings are kept when its image encoder is unchanged")
-        self.load_model_button.clicked.connect(lambda: self.load_model())
-        self.model_label = QLabel("no model loaded", wordWrap=True)
-        model_form.addRow(self.load_model_button, self.model_label)
-        layout.addWidget(model_box)
+        self.model_panel = ModelPanel()
+        self.session.device = self.model_panel.device_combo.currentText()  # the fastest there is
+        self.model_panel.device_chosen.connect(self._on_device_choice)
+        self.model_panel.load_requested.connect(lambda: self.load_model())
+        layout.addWidget(self.model_panel)
 
         sam_box = QGroupBox("Segment")
         sam_layout = QVBoxLayout(sam_box)
@@ -255,22 +226,9 @@ class AnnotatorWidget(QWidget):
         sam_layout.addLayout(row)
         layout.addWidget(sam_box)
 
-        export_box = QGroupBox("Export")
-        export_form = QFormLayout(export_box)
-        self.dataset_edit = QLineEdit(placeholderText="annotations.zarr", toolTip="Dataset folder (.zarr); created or appended to")
-        browse_dataset = QPushButton("…", toolTip="Choose the dataset folder")
-        browse_dataset.clicked.connect(self._browse_dataset)
-        dataset_row = QHBoxLayout()
-        dataset_row.addWidget(self.dataset_edit, stretch=1)
-        dataset_row.addWidget(browse_dataset)
-        export_form.addRow("Dataset", dataset_row)
-        self.split_combo = compact_combo("Train images teach the model; val images measure it")
-        self.split_combo.addItems(["train", "val"])
-        export_form.addRow("Split", self.split_combo)
-        self.export_button = QPushButton("Export", toolTip="Append the image and its committed objects to the dataset")
-        self.export_button.clicked.connect(self.export)
-        export_form.addRow(self.export_button)
-        layout.addWidget(export_box)
+        self.export_panel = ExportPanel()
+        self.export_panel.export_requested.connect(self.export)
+        layout.addWidget(self.export_panel)
 
         self.progress_bar = QProgressBar(visible=False)
         layout.addWidget(self.progress_bar)
@@ -304,14 +262,13 @@ class AnnotatorWidget(QWidget):
     def _update_buttons(self) -> None:
         busy = self._worker is not None
         ready = not busy and self.session.image_shape is not None
-        self.load_model_button.setEnabled(not busy)
-        self.device_combo.setEnabled(not busy and self.device_combo.count() > 1)
+        self.model_panel.set_busy(busy)
         self.embed_button.setEnabled(not busy and self.image.has_choices())
         for button in (self.segment_button, self.commit_button, self.automatic_button):
             button.setEnabled(ready)
         self.commit_automatic_button.setEnabled(not busy and self._has_automatic)
         self.undo_button.setEnabled(not busy and self.history.can_undo)
-        self.export_button.setEnabled(not busy and self._plane_key is not None)
+        self.export_panel.button.setEnabled(not busy and self._plane_key is not None)
 
     def _say(self, text: str) -> None:
         self.status.setText(text)
@@ -346,21 +303,12 @@ class AnnotatorWidget(QWidget):
             self.layers.place(chosen[0])
 
     # ------------------------------------------------------------------ model
-    def _browse_model(self, folder: bool) -> None:
-        if folder:
-            path = QFileDialog.getExistingDirectory(self, "Model folder or fine-tuning run folder")
-        else:
-            path, _ = QFileDialog.getOpenFileName(self, "SAM checkpoint", filter="Checkpoints (*.pt *.pth *.safetensors)")
-        if path:
-            self.model_combo.setCurrentText(path)
-            self.load_model()
-
     def load_model(self, source: str | None = None) -> None:
         """Load ``source`` (default: the chosen model) in the background; embeddings are recomputed
         only when the image encoder changed. :attr:`model_changed` tells when it is loaded."""
         if source is not None:
-            self.model_combo.setCurrentText(source)
-        source = resolve_model_source(self.model_combo.currentText())
+            self.model_panel.combo.setCurrentText(source)
+        source = self.model_panel.source()
         if not source:
             self._say("type or choose a model first")
             return
@@ -380,9 +328,7 @@ class AnnotatorWidget(QWidget):
         model = self.session.model
         uses_decoder = self.session.automatic_mode == AIS
         method = "its instance decoder" if uses_decoder else "a point grid"
-        shown = "/".join(Path(model.source).parts[-2:]) if Path(model.source).exists() else model.source
-        self.model_label.setText(f"{model.model_type} from {shown} on {self.session.device}; automatic segmentation: {method}")
-        self.model_label.setToolTip(model.source)
+        self.model_panel.show_loaded(model.model_type, model.source, self.session.device, method)
         self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
         self.automatic_settings.set_method(uses_decoder)
         if kept and had_image:
@@ -530,7 +476,7 @@ class AnnotatorWidget(QWidget):
         def propose(progress) -> tuple[np.ndarray, tuple[int, int], str]:
             # cropped to the objects, and uint8 while it fits: what napari copies and draws, not the whole image
             labels, origin = crop_to_objects(self.session.segment_objects(objects, progress))
-            return labels.astype(np.uint8) if labels.max() < 256 else labels, origin, _proposal_message(labels)
+            return labels.astype(np.uint8) if labels.max() < 256 else labels, origin, proposal_message(labels)
 
         self._start(f"segmenting {len(objects)} object{'s' if len(objects) > 1 else ''}…", propose, self._show_proposal)
 
@@ -625,15 +571,10 @@ class AnnotatorWidget(QWidget):
             return
         self.series.annotations_saved(self._plane_index, bool(labels.any()))
 
-    def _browse_dataset(self) -> None:
-        path = QFileDialog.getExistingDirectory(self, "Dataset folder (.zarr)")
-        if path:
-            self.dataset_edit.setText(path)
-
     def export(self) -> None:
         """Write every annotated image (each slice of a stack) of this dock into the dataset, in the
         chosen split; an image exported before is updated, never added twice."""
-        path = self.dataset_edit.text().strip()
+        path = self.export_panel.dataset()
         if not path:
             self._say("type a dataset path (a .zarr folder) to export to")
             return
@@ -645,7 +586,7 @@ class AnnotatorWidget(QWidget):
         except ImageError as error:
             self._say(str(error))
             return
-        images, split, embeddings = self.annotated_images(), self.split_combo.currentText(), self.embedding_source()
+        images, split, embeddings = self.annotated_images(), self.export_panel.split(), self.embedding_source()
         self._start(
             f"exporting to {path}…",
             lambda progress: export_annotations(
@@ -660,24 +601,17 @@ class AnnotatorWidget(QWidget):
         self._say(message)
         self.progress_bar.setRange(0, 0)  # busy until the task reports its first (done, total)
         self.progress_bar.setVisible(True)
-        worker = create_worker(task, self._progress.changed.emit, _start_thread=False, _ignore_errors=True)  # _failed handles them
-        worker.returned.connect(done)
-        worker.errored.connect(self._failed)
-        worker.finished.connect(self._finished)
-        self._worker = worker
+        self._worker = start_task(
+            task, self._progress.changed.emit, done=done, failed=self._failed, finished=self._finished
+        )
         self._update_buttons()
-        worker.start()
 
     def _show_progress(self, done: int, total: int) -> None:
         self.progress_bar.setRange(0, max(total, 1))
         self.progress_bar.setValue(done)
 
     def _failed(self, error: Exception) -> None:
-        if isinstance(error, _USER_ERRORS):
-            self._say(str(error))
-        else:
-            log.error("napari-raysam annotator failed", exc_info=error)
-            self._say(f"unexpected error ({type(error).__name__}: {error}); details are in the terminal. Please report it.")
+        self._say(failure_message(error, _USER_ERRORS, "annotator"))
 
     def _finished(self) -> None:
         self._worker = None

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from napari.qt.threading import create_worker
 from qtpy.QtCore import QThreadPool, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QPushButton, QWidget
 
@@ -37,6 +36,7 @@ from napari_raysam.annotator.series import (
     step_index,
     suggested_plane,
 )
+from napari_raysam.widgets.tasks import start_task
 
 if TYPE_CHECKING:
     from napari_raysam.widgets.annotator import AnnotatorWidget
@@ -294,12 +294,10 @@ class SeriesPanel(QWidget):
     def _start(self, task, done) -> None:
         series = self._series
         pool, task = _background(task)
-        worker = create_worker(task, _start_thread=False, _ignore_errors=True)  # _failed handles errors
-        worker.returned.connect(lambda result: done(result) if series == self._series and not self._closed else None)
-        worker.errored.connect(self._failed)
-        worker.finished.connect(self._finished)
-        self._worker = worker  # held here until it finished, as napari's own pool holds its workers
-        pool.start(worker)
+        self._worker = start_task(  # held here until it finished, as napari's own pool holds its workers
+            task, pool=pool, failed=self._failed, finished=self._finished,
+            done=lambda result: done(result) if series == self._series and not self._closed else None,
+        )
 
     def _check_done(self, annotated: list[bool]) -> None:
         self._checked = annotated

@@ -8,13 +8,11 @@ plot and thread workers; nothing slow runs on the GUI thread, and errors are one
 
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import napari
 import pyqtgraph
-from napari.qt.threading import create_worker
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -41,8 +39,7 @@ from napari_raysam.runs import RunClient, RunError, RunRecord, RunState, RunUpda
 from napari_raysam.runs.progress import progress_fraction, progress_text, summary_text
 from napari_raysam.widgets.annotator import AnnotatorWidget, annotator_for
 from napari_raysam.widgets.finetune_form import SettingsForm
-
-log = logging.getLogger(__name__)
+from napari_raysam.widgets.tasks import failure_message, start_task
 
 _USER_ERRORS = (FinetuneError, ClusterError, RunError, DatasetError, ModelError, ConfigError, OSError)
 _LOG_LINES = 300
@@ -195,27 +192,19 @@ class FinetuneWidget(QWidget):
     def _run_task(self, message: str, task, done) -> None:
         """``task()`` in a worker thread, ``done(result)`` back on the GUI thread; one at a time."""
         self._say(message)
-        worker = create_worker(task, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(done)
-        worker.errored.connect(self._failed)
-        worker.finished.connect(self._task_finished)
-        self._task = worker
+        self._task = start_task(task, done=done, failed=self._failed, finished=self._task_finished)
         self._update_buttons()
-        worker.start()
 
     def _task_finished(self) -> None:
         self._task = None
         self._update_buttons()
 
     def _failed(self, error: Exception) -> None:
-        if isinstance(error, _USER_ERRORS):
-            first, _, rest = str(error).partition("\n")
-            self._say(first)
-            if rest:
-                self.log_view.appendPlainText(rest)
-        else:
-            log.error("napari-raysam fine-tune failed", exc_info=error)
-            self._say(f"unexpected error ({type(error).__name__}: {error}); details are in the terminal. Please report it.")
+        # the first line in the status line, the details (a cluster's log, say) in the log view
+        first, _, rest = failure_message(error, _USER_ERRORS, "fine-tune").partition("\n")
+        self._say(first)
+        if rest:
+            self.log_view.appendPlainText(rest)
 
     # ------------------------------------------------------------------ verbs
     def fine_tune(self) -> None:
@@ -260,13 +249,8 @@ class FinetuneWidget(QWidget):
         def updates():
             yield from client.follow(run_name, should_stop=lambda: self._stop_following)
 
-        worker = create_worker(updates, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(self._on_update)
-        worker.errored.connect(self._failed)
-        worker.finished.connect(self._follow_finished)
-        self._follower = worker
+        self._follower = start_task(updates, yielded=self._on_update, failed=self._failed, finished=self._follow_finished)
         self._update_buttons()
-        worker.start()
 
     def _follow_finished(self) -> None:
         self._follower = None
@@ -376,10 +360,7 @@ class FinetuneWidget(QWidget):
             storage = self.current_settings().storage_path
         except FinetuneError:
             return
-        worker = create_worker(run_history, storage, _start_thread=False, _ignore_errors=True)
-        worker.returned.connect(self._show_history)
-        worker.errored.connect(self._failed)
-        worker.start()
+        start_task(run_history, storage, done=self._show_history, failed=self._failed)
 
     def _show_history(self, records: list[RunRecord]) -> None:
         self._history = records
