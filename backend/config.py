@@ -83,11 +83,14 @@ class TrainConfig:
     samples_per_epoch: int | None = None
     """Training crops per epoch (full/lora); None = one per training image."""
     n_objects_per_batch: int | None = None
-    """Objects per image and step; None = the recipe's default (fast 16, micro-sam 25)."""
+    """Objects per image and step; None = the recipe's default (fast 32, micro-sam 25)."""
     n_sub_iteration: int | None = None
     """Prompting rounds per step: corrective points from the error, previous logits fed back
-    (micro-sam) or one corrective click per round (fast); None = the recipe's default (fast 1, micro-sam 8)."""
+    (micro-sam), or one corrective click per round and the previous logits half the time (fast);
+    None = the recipe's default (fast 1, micro-sam 8). The CLI's ``--rounds``."""
     mask_prob: float = 0.5
+    """Chance that a prompting round after the first also gets the previous logits as SAM's mask
+    prompt (micro-sam's ``mask_prob``; both recipes)."""
     lora_rank: int = 4
     precision: str = "auto"
     """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""

@@ -52,9 +52,6 @@ MARGIN = 0.5
 FAR_ROWS = 4
 """Rows of far-away image tokens (a window's width each) decoded below each object's window (half
 as many tokens as an 8 x 8 window; 2, 6 and 8 rows did worse on the val frames)."""
-MASK_PROB = 0.5
-"""Chance that a corrective round also gets the previous round's logits as its mask prompt
-(micro-sam's ``mask_prob``): annotators may feed them back (micro-sam's evaluation does) or not."""
 
 
 @dataclass
@@ -285,13 +282,15 @@ def _jittered(boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 def train_image(
     sam, image: PreparedImage, *, n_objects: int, rounds: int, generator: torch.Generator, loss_scale: float,
+    mask_prob: float,
 ) -> tuple[float, int]:
     """Forward and backward for up to ``n_objects`` objects of one image over ``rounds`` prompting rounds.
 
     Half the objects start from a jittered box, half from a random interior point; each later
     round adds one click per object at a random pixel of its error (positive where the mask
-    misses the object, negative where it spills over) and, with probability ``MASK_PROB``, the
-    previous round's logits as the mask prompt. Gradients accumulate into ``sam``'s
+    misses the object, negative where it spills over) and, with probability ``mask_prob``, the
+    previous round's logits as the mask prompt (annotators may feed them back, as micro-sam's
+    evaluation does, or not). Gradients accumulate into ``sam``'s
     parameters, scaled by ``loss_scale``; returns (mean loss over rounds, objects used).
     """
     chosen = torch.randperm(image.n_objects, generator=generator, device=generator.device)[:n_objects]
@@ -339,7 +338,7 @@ def train_image(
             box_labels = torch.cat([box_labels, positive[:n_box, None]], 1)
             point_coords.append(clicks[n_box:, None])
             point_labels.append(positive[n_box:, None])
-            used = torch.rand(count, generator=generator, device=logits.device) < MASK_PROB
+            used = torch.rand(count, generator=generator, device=logits.device) < mask_prob
             mask_prompts = (logits.detach()[rows, picked], used)
     return total / rounds, count
 

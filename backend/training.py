@@ -333,6 +333,7 @@ class SamFineTuner:
                 yield fast_recipe.train_image(
                     self.sam, self._prepared[self._my_train_ids[index]], n_objects=self.config.n_objects_per_batch,
                     rounds=self.config.n_sub_iteration, generator=generator, loss_scale=1 / accumulate,
+                    mask_prob=self.config.mask_prob,
                 )
 
     @property

@@ -113,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--objects-per-batch", type=int, help="objects per image and step (default: the recipe's, fast 32, micro-sam 25)"
     )
+    train.add_argument(
+        "--rounds", type=int, help="prompting rounds per object and step: the first prompt, then corrective clicks "
+        "(default: the recipe's, fast 1, micro-sam 8)"
+    )
     train.add_argument("--run-name", default="", help="unique name of this run (default: time-model-mode)")
     train.add_argument("--no-ray", action="store_true", help="train in this process without Ray")
     train.add_argument("--detach", action="store_true", help="submit and return; follow later with `runs follow`")
@@ -207,6 +211,7 @@ def _train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         patch_shape=(args.patch_size, args.patch_size),
         n_objects_per_batch=args.objects_per_batch,
+        n_sub_iteration=args.rounds,
         workers=args.workers,
         cpus_per_worker=args.cpus_per_worker or default_cpus_per_worker(args.workers, local=not args.address),
         use_gpu=args.gpu,

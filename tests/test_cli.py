@@ -44,9 +44,11 @@ def test_train_without_ray_then_evaluate_the_result(tmp_path, cell_dataset, caps
     storage = tmp_path / "runs"
     code = main([
         "train", "--data", str(cell_dataset), "--storage", str(storage), "--model", "random:tiny",
-        "--epochs", "1", "--objects-per-batch", "2", "--patch-size", "96", "--run-name", "cli-run", "--no-ray",
+        "--epochs", "1", "--objects-per-batch", "2", "--rounds", "2", "--patch-size", "96", "--run-name", "cli-run",
+        "--no-ray",
     ])
     assert code == 0
+    assert json.loads((storage / "cli-run" / "config.json").read_text())["n_sub_iteration"] == 2
     model = storage / "cli-run" / "model"
     assert load_model(model).meta["mode"] == "decoder"
     capsys.readouterr()

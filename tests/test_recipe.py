@@ -110,7 +110,7 @@ def test_a_corrective_rounds_mask_prompt_is_what_sam_encodes_from_the_whole_logi
 
 
 def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
-    """With corrective rounds, the previous logits fed back as a mask prompt are trained on."""
+    """With corrective rounds, the previous logits fed back as a mask prompt (``mask_prob`` of the time) are trained on."""
     from backend import fast_recipe
 
     sam = load_model("random:tiny").sam
@@ -119,12 +119,12 @@ def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
     embedding = torch.randn(1, sam.prompt_encoder.embed_dim, 64, 64)  # any embedding: only the gradients matter
     image = fast_recipe.prepare_image(embedding, labels, torch.device("cpu"))
     mask_encoder = sam.prompt_encoder.mask_downscaling
-    for rounds, trained in ((1, False), (3, True)):
+    for rounds, mask_prob, trained in ((1, 1.0, False), (3, 0.0, False), (3, 1.0, True)):
         sam.zero_grad(set_to_none=True)
         fast_recipe.train_image(sam, image, n_objects=8, rounds=rounds, generator=torch.Generator().manual_seed(0),
-                                loss_scale=1.0)
+                                loss_scale=1.0, mask_prob=mask_prob)
         grads = [p.grad for p in mask_encoder.parameters()]
-        assert all(g is not None and g.abs().sum() > 0 for g in grads) == trained, rounds
+        assert all(g is not None and g.abs().sum() > 0 for g in grads) == trained, (rounds, mask_prob)
 
 
 def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_path):
