@@ -74,7 +74,7 @@ class ObjectClicks:
     def clicks_to(self, iou: float, max_clicks: int = MAX_CLICKS) -> int:
         """Clicks this object took to reach ``iou`` (at most the target it ran to); ``max_clicks`` when
         it never did."""
-        return next((click for click, reached in enumerate(self.ious, 1) if reached >= iou), max_clicks)
+        return next((click for click, after in enumerate(self.ious, 1) if after >= iou), max_clicks)
 
 
 def corrective_click(predicted: np.ndarray, truth: np.ndarray) -> tuple[tuple[int, int], int] | None:

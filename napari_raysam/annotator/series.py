@@ -11,15 +11,14 @@ whole planes: call it from a worker thread, never from napari's event loop.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.annotator.image_source import ImageChannels, check_plane, content_key, sam_rgb
-
-ProgressCallback = Callable[[int, int], None]
+from napari_raysam.annotator.progress import ProgressCallback
 
 
 @dataclass(frozen=True)

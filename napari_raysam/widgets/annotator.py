@@ -45,6 +45,7 @@ from napari_raysam.annotator.annotations import (
 )
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
 from napari_raysam.annotator.image_source import ImageChannels, ImageError
+from napari_raysam.annotator.progress import ProgressCallback
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
 from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
@@ -596,7 +597,7 @@ class AnnotatorWidget(QWidget):
         )
 
     # ------------------------------------------------------------------ workers
-    def _start(self, message: str, task: Callable[[Callable[[int, int], None]], Any], done: Callable[[Any], None]) -> None:
+    def _start(self, message: str, task: Callable[[ProgressCallback], Any], done: Callable[[Any], None]) -> None:
         """Run ``task(progress)`` in a worker thread; ``done(result)`` runs on the GUI thread after it."""
         self._say(message)
         self.progress_bar.setRange(0, 0)  # busy until the task reports its first (done, total)
