@@ -200,3 +200,42 @@ def test_the_model_is_reported_once_written_before_the_job_ends(resumed, tmp_pat
     running = [u for u in updates if u.state == RunState.RUNNING]
     assert running[0].model is None and running[-1].model == tmp_path / "model"
     assert updates[-1].state == RunState.SUCCEEDED and updates[-1].model == tmp_path / "model"
+
+
+class _StartingJobs(_FlakyJobs):
+    """A head whose job agent is not up for the first ``refusals`` submissions (just after ``ray start``)."""
+
+    def __init__(self, run_dir, refusals: int) -> None:
+        super().__init__(run_dir, drops=0)
+        self.refusals, self.submitted = refusals, 0
+        self.jobs: list = []
+
+    def list_jobs(self):
+        return self.jobs
+
+    def submit_job(self, **kwargs):
+        self.submitted += 1
+        if self.submitted <= self.refusals:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, please try again later.")
+        self.jobs = [self._job("PENDING")]
+
+
+def test_submitting_to_a_head_that_is_still_starting_waits_for_its_job_agent(tmp_path, monkeypatch):
+    from backend.config import TrainConfig
+    from napari_raysam.cluster import Cluster
+    from napari_raysam.runs import RunClient, RunError
+    from napari_raysam.runs import client as run_client
+
+    slept: list[float] = []
+    monkeypatch.setattr("napari_raysam.runs.client.time.sleep", slept.append)
+    config = TrainConfig(data="s3://cells/d.zarr", storage=str(tmp_path / "runs"), model="random:tiny", run_name="r1")
+    jobs = _StartingJobs(tmp_path, refusals=3)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
+    assert RunClient(Cluster("http://127.0.0.1:1")).submit(config).state == RunState.PENDING
+    assert jobs.submitted == 4 and sum(slept) == 3.0
+
+    jobs = _StartingJobs(tmp_path, refusals=1000)
+    monkeypatch.setattr(RunClient, "_make_jobs_client", lambda self: jobs)
+    with pytest.raises(RunError, match="job agent did not start within 30 s: try again in a minute"):
+        RunClient(Cluster("http://127.0.0.1:1")).submit(config)
+    assert jobs.submitted == run_client.AGENT_WAIT_S

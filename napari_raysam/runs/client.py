@@ -38,6 +38,10 @@ APP = "napari-raysam"
 """The ``app`` entry of our jobs' metadata: how ``runs`` tells them from other jobs on a cluster."""
 _DRIVER_ERROR = "error: "
 """How ``python -m backend`` starts the one line that says why it failed."""
+_AGENT_NOT_READY = "No available agent"
+"""Ray's Jobs API, on a head whose job agent has not started yet (just after ``ray start``)."""
+AGENT_WAIT_S = 30
+"""How long ``submit`` waits for that agent, asking once a second."""
 # A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
 # helpers off. The preemption watcher is one more process (an interpreter importing Ray) started
 # while the training worker imports PyTorch on the same cores, and a desktop is never preempted;
@@ -166,16 +170,23 @@ class RunClient:
             {"entrypoint_num_cpus": config.cpus_per_worker, "entrypoint_num_gpus": int(config.use_gpu)}
             if config.launcher == "driver" else {}
         )
-        try:
-            self._jobs.submit_job(
-                entrypoint=entrypoint,
-                submission_id=job_id,
-                runtime_env={"py_modules": [str(Path(backend.__file__).parent)], "env_vars": env_vars},
-                metadata=metadata,
-                **driver_resources,
-            )
-        except RuntimeError as error:
-            raise RunError(_plain_job_error(error, name, self.cluster)) from error
+        # A head that has just started answers "No available agent to submit job, please try again
+        # later" until its job agent is up (seconds): wait for it rather than fail the user's click.
+        for attempt in range(1, AGENT_WAIT_S + 1):
+            try:
+                self._jobs.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=job_id,
+                    runtime_env={"py_modules": [str(Path(backend.__file__).parent)], "env_vars": env_vars},
+                    metadata=metadata,
+                    **driver_resources,
+                )
+                break
+            except RuntimeError as error:
+                if _AGENT_NOT_READY in str(error) and attempt < AGENT_WAIT_S:
+                    time.sleep(1.0)
+                    continue
+                raise RunError(_plain_job_error(error, name, self.cluster)) from error
         return self.info(name)
 
     def runs(self) -> list[RunInfo]:
@@ -445,4 +456,9 @@ def _plain_job_error(error: RuntimeError, name: str, cluster: Cluster) -> str:
         )
     if "401" in text or "403" in text or "nauthori" in text:
         return f"the cluster at {cluster.dashboard_url} refused the token: check --token / RAY_AUTH_TOKEN"
+    if _AGENT_NOT_READY in text:
+        return (
+            f"the cluster at {cluster.dashboard_url} is up but its job agent did not start within "
+            f"{AGENT_WAIT_S} s: try again in a minute, or restart the cluster"
+        )
     return f"the cluster at {cluster.dashboard_url} answered: {text}"
