@@ -10,8 +10,8 @@ the previous prediction is wrong. Each round is backpropagated as soon as it is 
 the memory held is that of one round, not of all rounds.
 
 Each object's pass runs over a window of the image tokens around it, plus ``FAR_ROWS`` rows of
-tokens drawn from the rest of the image: the decoder's upscaling is per token, so a window is a
-set of tokens to it, and the far ones teach that pixels away from the object are background.
+tokens drawn from the rest of the image (``backend.windowed_decoder``, which makes the window decode
+as the whole image does): the far ones also teach that pixels away from the object are background.
 Without them nothing ever did, and after training the whole-image decoder (the annotator's)
 spread a box's mask over the whole frame.
 
@@ -34,24 +34,19 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from backend import windowed_decoder
+from backend.windowed_decoder import (
+    INPUT_SIZE, TOKEN, decode, far_tokens, window_origins, window_size, window_with_far_rows, windowed,
+)
+
 LOW_RES = 256
 """Side of the decoder's logit grid; SAM's padded input is 1024, so one cell is 4 x 4 input pixels."""
-INPUT_SIZE = 1024
-GRID = 64
-"""Side of the image-token grid; one token is 16 x 16 input pixels."""
-TOKEN = INPUT_SIZE // GRID
-MIN_CROP = 8
-"""Smallest decoded window, in image tokens (an eighth of the grid's side; chosen on the val frames:
-a HeLa cell is ~2 tokens wide, and 8 x 8 windows train twice the steps of 16 x 16 in the same time)."""
 VAL_OBJECTS = 64
 """Objects per val image that validation prompts (spread over the image's objects)."""
 BOX_JITTER = 0.05
 """Box corners move by up to this fraction of the box's side (annotators draw loose boxes)."""
 MARGIN = 0.5
 """The cross-entropy window around an object: its box grown by this fraction of its size per side."""
-FAR_ROWS = 4
-"""Rows of far-away image tokens (a window's width each) decoded below each object's window (half
-as many tokens as an 8 x 8 window; 2, 6 and 8 rows did worse on the val frames)."""
 
 
 @dataclass
@@ -107,116 +102,6 @@ def prepare_image(embedding: torch.Tensor, labels: np.ndarray, device: torch.dev
     )
 
 
-def _crop_size(boxes: torch.Tensor) -> int:
-    """Side (image tokens) of the windows a step decodes: twice the largest box, ``MIN_CROP`` to 64, a multiple of 4."""
-    largest = float((boxes[:, 2:] - boxes[:, :2]).max()) / TOKEN if len(boxes) else 0.0
-    return int(min(GRID, max(MIN_CROP, 4 * math.ceil(2 * largest / 4))))
-
-
-def _crop_origins(boxes: torch.Tensor, size: int, generator: torch.Generator | None) -> torch.Tensor:
-    """``(B, 2)`` long (x, y) token origins of ``size``-token windows around each box.
-
-    Centred on the box, moved by up to a quarter window at random when a ``generator`` is
-    given (so an object is not always in the middle), kept inside the 64 x 64 grid.
-    """
-    centre = (boxes[:, :2] + boxes[:, 2:]) / 2 / TOKEN
-    if generator is not None:
-        centre = centre + (torch.rand(centre.shape, generator=generator, device=boxes.device) - 0.5) * size / 2
-    return (centre - size / 2).round().long().clamp(0, GRID - size)
-
-
-def _windowed(grid: torch.Tensor, origins: torch.Tensor, size: int, scale: int) -> torch.Tensor:
-    """Per row b, ``grid[b or 0, ..., y:y+size*scale, x:x+size*scale]`` with (x, y) = origins[b] * scale."""
-    side = size * scale
-    return torch.stack([
-        grid[min(b, len(grid) - 1), ..., int(y) * scale:int(y) * scale + side, int(x) * scale:int(x) * scale + side]
-        for b, (x, y) in enumerate(origins.tolist())
-    ])
-
-
-def _far_tokens(origins: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
-    """``(B, FAR_ROWS * size)`` long flat indices (``y * 64 + x``) of distinct image tokens
-    outside each ``size``-token window, drawn uniformly."""
-    grid = torch.arange(GRID, device=origins.device)
-    in_x = (grid[None] >= origins[:, :1]) & (grid[None] < origins[:, :1] + size)
-    in_y = (grid[None] >= origins[:, 1:]) & (grid[None] < origins[:, 1:] + size)
-    outside = ~(in_y[:, :, None] & in_x[:, None, :]).flatten(1)
-    # a window of the whole grid leaves nothing outside: its far rows repeat tokens of it
-    weights = torch.where(outside.any(1, keepdim=True), outside, True).float()
-    return torch.multinomial(weights, FAR_ROWS * size, generator=generator)
-
-
-def _window_with_far_rows(
-    grid: torch.Tensor, origins: torch.Tensor, far: torch.Tensor, size: int, scale: int,
-) -> torch.Tensor:
-    """``_windowed(grid, origins, size, scale)`` ``(B, ..., size*scale, size*scale)`` with the ``far``
-    tokens' ``scale x scale`` cells of ``grid`` ``(B or 1, ..., 64*scale, 64*scale)`` appended below
-    as ``FAR_ROWS`` rows: what ``_decode`` decodes for each object."""
-    windows = _windowed(grid, origins, size, scale)
-    batch, side = len(far), size * scale
-    lead = grid.shape[1:-2]
-    cells = grid.reshape(grid.shape[0], *lead, GRID, scale, GRID, scale).movedim(-3, -2)
-    cells = cells.reshape(grid.shape[0], *lead, GRID * GRID, scale, scale).expand(batch, *lead, -1, -1, -1)
-    index = far.reshape(batch, *(1 for _ in lead), -1, 1, 1).expand(-1, *lead, -1, scale, scale)
-    picked = cells.gather(-3, index).reshape(batch, *lead, FAR_ROWS, size, scale, scale)
-    rows = picked.movedim(-2, -3).reshape(batch, *lead, FAR_ROWS * scale, side)
-    return torch.cat([windows, rows], dim=-2)
-
-
-def _decode(
-    sam,
-    embedding: torch.Tensor,
-    origins: torch.Tensor,
-    far: torch.Tensor,
-    size: int,
-    groups: list[tuple[tuple[torch.Tensor, torch.Tensor] | None, torch.Tensor | None]],
-    mask_prompts: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """ONE batched decoder pass, each prompt over its own window of the image tokens.
-
-    ``groups``: ``(points, boxes)`` pairs as SAM's prompt encoder takes them (points
-    ``((b, n, 2) coords, (b, n) labels)`` or None, boxes ``(b, 4)`` or None; input-frame
-    coordinates), each encoding to the same number of prompt tokens; ``origins`` ``(B, 2)``
-    are the windows' token origins, B the groups' total, ``far`` ``(B, FAR_ROWS * size)`` the
-    far-away tokens decoded with each window (``_far_tokens``). ``mask_prompts``: ``(B, 4 *
-    (size + FAR_ROWS), 4 * size)`` logits laid out as this function returns them and a ``(B,)``
-    bool of the prompts that get them as SAM's mask prompt (the others get none). Returns
-    ``(B, 4, 4 * (size + FAR_ROWS), 4 * size)`` logits of each window with its far rows below
-    and ``(B, 4)`` IoU predictions; mask 0 is SAM's single-mask output, 1-3 its multimask ones.
-
-    Windows instead of the whole 64 x 64 grid: the decoder's cost is linear in image tokens,
-    and it is nearly local: image tokens are updated only by attending to the few prompt and
-    output tokens, the upscaling convolutions have stride = kernel, so a pixel's logit depends
-    on other image tokens only through the output tokens' attention over them. Prompt and
-    image positional encodings stay absolute (the window's part of SAM's dense PE).
-    """
-    decoder = sam.mask_decoder
-    encoded = [sam.prompt_encoder(points=points, boxes=boxes, masks=None) for points, boxes in groups]
-    sparse = torch.cat([part for part, _ in encoded])
-    batch = len(sparse)
-    output_tokens = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
-    tokens = torch.cat((output_tokens[None].expand(batch, -1, -1), sparse), dim=1)
-    src = _window_with_far_rows(embedding, origins, far, size, 1)
-    no_mask = sam.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-    if mask_prompts is None:
-        src = src + no_mask
-    else:
-        logits, used = mask_prompts
-        # SAM's mask encoder is local too (stride = kernel, per-pixel norms): a token's dense
-        # embedding comes from its own 4 x 4 logits, so the window's logits give the window's tokens
-        dense = sam.prompt_encoder.mask_downscaling(logits[:, None])
-        src = src + torch.where(used[:, None, None, None], dense, no_mask)
-    dense_pe = sam.prompt_encoder.get_dense_pe()
-    pos = _window_with_far_rows(dense_pe, origins, far, size, 1)
-    # from here on SAM's MaskDecoder.predict_masks, minus its repeat of one image per prompt
-    hs, src = decoder.transformer(src, pos, tokens)
-    mask_tokens = hs[:, 1:1 + decoder.num_mask_tokens]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, size + FAR_ROWS, size))
-    hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
-    masks = (hyper @ upscaled.flatten(2)).view(batch, -1, *upscaled.shape[-2:])
-    return masks, decoder.iou_prediction_head(hs[:, 0])
-
-
 def _per_object_losses(logits: torch.Tensor, targets: torch.Tensor, windows: torch.Tensor) -> tuple:
     """Dice + windowed BCE of ``(B, M, h, w)`` logits against ``(B, h, w)`` bool targets and windows.
 
@@ -256,10 +141,12 @@ def _decoded_targets(
     image: PreparedImage, chosen: torch.Tensor, boxes: torch.Tensor, origins: torch.Tensor, far: torch.Tensor, size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``(B, 4 * (size + FAR_ROWS), 4 * size)`` bool targets and cross-entropy windows of
-    what ``_decode`` returns: each object's window, then its far rows (all in the window)."""
-    targets = _window_with_far_rows(image.targets[chosen], origins, far, size, 4)
-    windows = _windowed(_loss_windows(boxes), origins, size, 4)
-    far_rows = torch.ones(len(windows), 4 * FAR_ROWS, windows.shape[-1], dtype=torch.bool, device=windows.device)
+    what ``decode`` returns: each object's window, then its far rows (all in the window)."""
+    targets = window_with_far_rows(image.targets[chosen], origins, far, size, 4)
+    windows = windowed(_loss_windows(boxes), origins, size, 4)
+    far_rows = torch.ones(
+        len(windows), 4 * windowed_decoder.FAR_ROWS, windows.shape[-1], dtype=torch.bool, device=windows.device
+    )
     return targets, torch.cat([windows, far_rows], dim=1)
 
 
@@ -295,9 +182,9 @@ def train_image(
     """
     chosen = torch.randperm(image.n_objects, generator=generator, device=generator.device)[:n_objects]
     boxes = image.boxes[chosen]
-    size = _crop_size(boxes)
-    origins = _crop_origins(boxes, size, generator)
-    far = _far_tokens(origins, size, generator)
+    size = window_size(boxes)
+    origins = window_origins(boxes, size, generator)
+    far = far_tokens(origins, size, generator)
     targets, windows = _decoded_targets(image, chosen, boxes, origins, far, size)
     window_side = 4 * size  # clicks go inside the window, not on the far rows below it
     offsets = (origins * TOKEN).float()  # window pixel -> input-frame pixel
@@ -319,7 +206,7 @@ def train_image(
             groups.append(((torch.cat(point_coords, 1), torch.cat(point_labels, 1)), None))
         # box starts and point starts encode to the same number of tokens in every round
         # (box: 2 corners + clicks; points: start + clicks + SAM's padding token), so one pass serves both
-        logits, iou_pred = _decode(sam, image.embedding, origins, far, size, groups, mask_prompts)
+        logits, iou_pred = decode(sam, image.embedding, origins, far, size, groups, mask_prompts)
         losses, ious = _per_object_losses(logits, targets, windows)
         picked = torch.zeros(count, dtype=torch.int64, device=logits.device)
         if round_index == 0 and count > n_box:
@@ -358,14 +245,14 @@ def validate_image(sam, image: PreparedImage) -> tuple[float, float, float, int]
     chosen = torch.linspace(0, image.n_objects - 1, min(image.n_objects, VAL_OBJECTS)).round().long()
     for part in chosen.to(image.boxes.device).split(32):
         boxes = image.boxes[part]
-        size = _crop_size(boxes)
-        origins = _crop_origins(boxes, size, None)
-        far = _far_tokens(origins, size, generator)
+        size = window_size(boxes)
+        origins = window_origins(boxes, size, None)
+        far = far_tokens(origins, size, generator)
         targets, windows = _decoded_targets(image, part, boxes, origins, far, size)
-        box_logits, _ = _decode(sam, image.embedding, origins, far, size, [(None, boxes)])
+        box_logits, _ = decode(sam, image.embedding, origins, far, size, [(None, boxes)])
         box_losses, box_ious = _per_object_losses(box_logits[:, :1], targets, windows)
         ones = torch.ones(len(part), 1, dtype=torch.int64, device=boxes.device)
-        point_logits, point_pred = _decode(
+        point_logits, point_pred = decode(
             sam, image.embedding, origins, far, size, [((image.centres[part][:, None], ones), None)]
         )
         point_losses, point_ious = _per_object_losses(point_logits[:, 1:], targets, windows)

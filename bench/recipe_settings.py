@@ -6,7 +6,7 @@ of the highest windowed val IoU as a run does; the kept model is then scored on 
 and 14 with the whole-image decoder (``backend.evaluation``: box IoU and single-point IoU of the
 demo's 40 evenly spread objects per frame), which is what the annotator runs. The held-out frames
 17 and 19 are not read. A setting is ``key=value`` pairs joined by ``,``: ``TrainConfig`` fields,
-or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.fast_recipe``. One line of JSON per setting.
+or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.windowed_decoder``. One line of JSON per setting.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3,lr_schedule=constant
 """
@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from backend import fast_recipe
+from backend import windowed_decoder
 from backend.config import TrainConfig
 from backend.models import load_model
 from backend.run_directory import kept_epoch
@@ -30,7 +30,7 @@ RECIPE_CONSTANTS = ("FAR_ROWS", "MIN_CROP")
 
 
 def parse_setting(text: str) -> tuple[dict, dict]:
-    """``"lr=3e-4,FAR_ROWS=4"`` -> (TrainConfig fields, fast_recipe constants)."""
+    """``"lr=3e-4,FAR_ROWS=4"`` -> (TrainConfig fields, windowed_decoder constants)."""
     fields, constants = {}, {}
     for pair in filter(None, text.split(",")):
         key, value = pair.split("=", 1)
@@ -48,11 +48,11 @@ def main() -> None:
     args = parser.parse_args()
     work = start_bench("recipe_settings_")
     data = hela_dataset(work)
-    defaults = {name: getattr(fast_recipe, name) for name in RECIPE_CONSTANTS}
+    defaults = {name: getattr(windowed_decoder, name) for name in RECIPE_CONSTANTS}
     for setting in args.settings:
         fields, constants = parse_setting(setting)
         for name, value in {**defaults, **constants}.items():
-            setattr(fast_recipe, name, value)
+            setattr(windowed_decoder, name, value)
         config = TrainConfig(data=str(data), storage=str(work / "runs"), model="random:vit_t",
                              minutes=args.minutes, epochs=100_000, **fields)
         start = time.perf_counter()

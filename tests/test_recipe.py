@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from backend import fast_recipe, windowed_decoder
 from backend.config import ConfigError, TrainConfig
 from backend.dataset import SampleInput, open_dataset, write_embedding, write_samples
 from backend.evaluation import evaluate
@@ -59,30 +60,28 @@ def test_the_fast_recipe_learns_real_cells_it_never_saw(hela_crops, tmp_path):
 def test_each_object_is_also_trained_on_far_away_tokens_as_background():
     """The whole-image decoder is what the annotator runs: training must show it pixels far from
     each object (as background), or a trained mask spreads over the frame."""
-    from backend import fast_recipe
-
     labels = np.zeros((512, 512), np.uint32)
     labels[100:140, 60:90] = 1
     labels[300:360, 400:470] = 2
     embedding = torch.randn(1, 256, 64, 64)
     image = fast_recipe.prepare_image(embedding, labels, torch.device("cpu"))
     generator = torch.Generator().manual_seed(0)
-    size = fast_recipe._crop_size(image.boxes)
-    origins = fast_recipe._crop_origins(image.boxes, size, generator)
-    far = fast_recipe._far_tokens(origins, size, generator)
+    size = windowed_decoder.window_size(image.boxes)
+    origins = windowed_decoder.window_origins(image.boxes, size, generator)
+    far = windowed_decoder.far_tokens(origins, size, generator)
     targets, windows = fast_recipe._decoded_targets(image, torch.arange(2), image.boxes, origins, far, size)
-    side, far_side = 4 * size, 4 * fast_recipe.FAR_ROWS
+    side, far_side = 4 * size, 4 * windowed_decoder.FAR_ROWS
     assert targets.shape == windows.shape == (2, side + far_side, side)
     assert not targets[:, side:].any() and windows[:, side:].all()  # far pixels: background, in the loss
     logit_grid = torch.randn(2, 256, 256)  # what the decoder sees there: the image's own far tokens
-    tokens = fast_recipe._window_with_far_rows(embedding, origins, far, size, 1)
-    cells = fast_recipe._window_with_far_rows(logit_grid, origins, far, size, 4)
+    tokens = windowed_decoder.window_with_far_rows(embedding, origins, far, size, 1)
+    cells = windowed_decoder.window_with_far_rows(logit_grid, origins, far, size, 4)
     for b in range(2):
         x, y = far[b] % 64, far[b] // 64
         inside = (x >= origins[b, 0]) & (x < origins[b, 0] + size) & (y >= origins[b, 1]) & (y < origins[b, 1] + size)
         assert not inside.any() and len(set(far[b].tolist())) == len(far[b])
         assert torch.equal(tokens[b, :, size:].flatten(1), embedding[0, :, y, x])
-        far_cells = cells[b, side:].reshape(fast_recipe.FAR_ROWS, 4, size, 4).permute(0, 2, 1, 3).flatten(0, 1)
+        far_cells = cells[b, side:].reshape(windowed_decoder.FAR_ROWS, 4, size, 4).permute(0, 2, 1, 3).flatten(0, 1)
         expected = torch.stack([logit_grid[b, 4 * j:4 * j + 4, 4 * i:4 * i + 4] for i, j in zip(x.tolist(), y.tolist())])
         assert torch.equal(far_cells, expected)
 
@@ -90,29 +89,57 @@ def test_each_object_is_also_trained_on_far_away_tokens_as_background():
 def test_a_corrective_rounds_mask_prompt_is_what_sam_encodes_from_the_whole_logit_grid():
     """Annotators feed the previous logits back as the mask prompt (micro-sam's evaluation does):
     the windowed pass must give each token what SAM's prompt encoder gives it from all 256 x 256."""
-    from backend import fast_recipe
-
     sam = load_model("random:tiny").sam.eval()
     generator = torch.Generator().manual_seed(0)
     boxes = torch.tensor([[100.0, 200.0, 150.0, 260.0], [700.0, 40.0, 790.0, 120.0]])
-    size = fast_recipe._crop_size(boxes)
-    origins = fast_recipe._crop_origins(boxes, size, generator)
-    far = fast_recipe._far_tokens(origins, size, generator)
+    size = windowed_decoder.window_size(boxes)
+    origins = windowed_decoder.window_origins(boxes, size, generator)
+    far = windowed_decoder.far_tokens(origins, size, generator)
     logit_grid = torch.randn(2, 256, 256) * 5
     with torch.no_grad():
         whole = sam.prompt_encoder.mask_downscaling(logit_grid[:, None])  # (2, 256, 64, 64), SAM's own
         windowed = sam.prompt_encoder.mask_downscaling(
-            fast_recipe._window_with_far_rows(logit_grid, origins, far, size, 4)[:, None]
+            windowed_decoder.window_with_far_rows(logit_grid, origins, far, size, 4)[:, None]
         )
-    expected = fast_recipe._window_with_far_rows(whole, origins, far, size, 1)
-    assert windowed.shape == expected.shape == (2, whole.shape[1], size + fast_recipe.FAR_ROWS, size)
+    expected = windowed_decoder.window_with_far_rows(whole, origins, far, size, 1)
+    assert windowed.shape == expected.shape == (2, whole.shape[1], size + windowed_decoder.FAR_ROWS, size)
     torch.testing.assert_close(windowed, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_a_window_and_its_far_sample_decode_as_the_whole_image_does(monkeypatch):
+    """The annotator decodes over all 64 x 64 image tokens; training decodes a window and a small
+    sample of far tokens. Each far token stands for the many it was drawn from, so where the far
+    tokens are all alike (a uniform background) the window's masks are exactly the whole image's."""
+    sam = load_model("random:tiny").sam.eval()
+    boxes = torch.tensor([[480.0, 470.0, 520.0, 515.0]])
+    size = windowed_decoder.window_size(boxes)
+    origins = windowed_decoder.window_origins(boxes, size, None)
+    far = windowed_decoder.far_tokens(origins, size, torch.Generator().manual_seed(0))
+    x, y = origins[0].tolist()
+    window = (..., slice(y, y + size), slice(x, x + size))
+    generator = torch.Generator().manual_seed(1)
+    channels = sam.prompt_encoder.embed_dim
+    # the window's tokens vary; every token outside it has the same embedding and positional encoding
+    embedding = torch.randn(channels, 1, 1, generator=generator).expand(1, channels, 64, 64).clone()
+    embedding[window] = torch.randn(1, channels, size, size, generator=generator)
+    pe = torch.randn(channels, 1, 1, generator=generator).expand(1, channels, 64, 64).clone()
+    pe[window] = sam.prompt_encoder.get_dense_pe()[window]
+    monkeypatch.setattr(sam.prompt_encoder, "get_dense_pe", lambda: pe)
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=None, boxes=boxes, masks=None)
+        whole, whole_iou = sam.mask_decoder.predict_masks(embedding, pe, sparse, dense)
+        windowed, windowed_iou = windowed_decoder.decode(sam, embedding, origins, far, size, [(None, boxes)])
+        expected = whole[..., 4 * y:4 * (y + size), 4 * x:4 * (x + size)]
+        torch.testing.assert_close(windowed[..., :4 * size, :], expected, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(windowed_iou, whole_iou, atol=1e-4, rtol=1e-4)
+        # decoded as if the far tokens were only themselves, the window's masks would differ
+        monkeypatch.setattr(windowed_decoder, "_far_key_bias", lambda batch, size, device: None)
+        unweighted, _ = windowed_decoder.decode(sam, embedding, origins, far, size, [(None, boxes)])
+        assert (unweighted[..., :4 * size, :] - expected).abs().max() > 1e-2
 
 
 def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
     """With corrective rounds, the previous logits fed back as a mask prompt (``mask_prob`` of the time) are trained on."""
-    from backend import fast_recipe
-
     sam = load_model("random:tiny").sam
     data = open_dataset(hela_crops[0])
     labels = data.labels(data.sample_ids("train")[0])
