@@ -1,7 +1,7 @@
 """What to annotate next (issue 10): a round of fine-tuning on the k suggested images vs k random ones.
 
-Data: 256 x 256 crops of the CTC HeLa frames (``napari_raysam.demo``'s frames and splits; the
-decoder learns on crops, not on whole frames, docs/BENCHMARKS.md), cut from a grid of 2 x 4
+Data: 256 x 256 crops of the CTC HeLa frames (``napari_raysam.demo``'s frames and splits; crops,
+so that there are ten candidates to choose three from), cut from a grid of 2 x 4
 non-overlapping windows per 700 x 1100 frame, the ``--crops`` windows holding the most objects:
 
 - seed set, the images the user annotated first: the crops of train frame 0;
@@ -18,8 +18,8 @@ Ranking: each candidate is embedded with the round-1 model and scored
 uncertain. Round 2, per seed s: fine-tune from the round-1 model folder for ``--minutes`` on (a)
 the suggested crops, (b) ``--k`` candidates drawn at random with seed s (the simulated
 annotator's choice without suggestions); same val, training seed s. Every model is scored on the
-held-out crops with the simulated annotator (bench/clicks.py's ``held_out_clicks``) and by
-held-out box IoU (``backend.evaluation.evaluate``), on the same ``--objects`` evenly spread
+held-out crops with the simulated annotator (bench/clicks.py's ``clicks_on``: clicks to IoU 0.9 and
+to 0.5, the IoU after the box alone and after the last click), on the same ``--objects`` evenly spread
 objects per crop. All runs share one run storage, so each crop is embedded once (the encoder is
 frozen in decoder mode: every model here has random vit_t's encoder).
 
@@ -40,11 +40,10 @@ from segment_anything import SamPredictor
 
 from backend.config import TrainConfig
 from backend.dataset import SampleInput, open_dataset, write_samples
-from backend.evaluation import evaluate
 from backend.models import load_model, set_predictor_image
 from backend.training import train
 from backend.uncertainty import point_confidences, uncertainty
-from clicks import START_MODEL, held_out_clicks
+from clicks import START_MODEL, clicks_on, described
 from common import start_bench
 from napari_raysam.cli import EPOCH_CAP
 from napari_raysam.demo import TEST_FRAMES, TRAIN_FRAMES, VAL_FRAMES, hela_frames, scored_objects
@@ -89,13 +88,10 @@ def fine_tune(data: Path, storage: Path, model: str, minutes: float, seed: int, 
 
 
 def score(model: str, held_out: Path, objects: int) -> dict:
-    """Held-out clicks (``held_out_clicks``) and box IoU of ``model``."""
-    clicks = held_out_clicks(model, held_out, objects)
-    started = time.perf_counter()
-    box_iou = evaluate(model, held_out, automatic=False).box_iou
-    result = {**clicks, "box_iou": box_iou, "seconds": clicks["seconds"] + time.perf_counter() - started}
-    print(f"    {result['mean_clicks']:.2f} clicks per object, {result['reached']:.0%} reached IoU 0.9, mean final IoU "
-          f"{result['mean_iou']:.4f}, box IoU {box_iou:.4f} ({result['n_objects']} objects, {result['seconds']:.0f} s)"
+    """The simulated annotator on the held-out crops (bench/clicks.py's ``clicks_on``): clicks to IoU 0.9
+    and to 0.5, the IoU after the box alone and after the last click."""
+    result = clicks_on(model, held_out, objects)
+    print(f"    {described(result)} ({result['n_objects']} objects, {result['seconds']:.0f} s)"
           f" | load {os.getloadavg()[0]:.1f}", flush=True)
     return result
 
@@ -175,20 +171,20 @@ def main() -> None:
             row[arm] = {**score(str(folder), held_out, args.objects), "val_iou": val_iou}
         rows.append(row)
 
-    print("\n| seed | choice | clicks per object | reached IoU 0.9 | mean final IoU | box IoU |", flush=True)
+    keys = ("mean_clicks", "clicks_to_0.5", "box_iou", "mean_iou")
+    print("\n| seed | choice | clicks to IoU 0.9 | clicks to IoU 0.5 | IoU after the box | IoU after the last click |")
     print("| --- | --- | --- | --- | --- | --- |")
-    print(f"| round 1 | {seed_frame}'s crops | {before['mean_clicks']:.2f} | {before['reached']:.1%} | "
-          f"{before['mean_iou']:.4f} | {before['box_iou']:.4f} |")
-    keys = ("mean_clicks", "reached", "mean_iou", "box_iou")
+
+    def table_row(seed: str, choice: str, result: dict) -> str:
+        return f"| {seed} | {choice} | " + " | ".join(f"{result[key]:.3f}" for key in keys) + " |"
+
+    print(table_row("round 1", f"frame {seed_frame}'s crops", before))
     for row in rows:
         for arm in ("suggested", "random"):
-            r = row[arm]
-            print(f"| {row['seed']} | {arm} | {r['mean_clicks']:.2f} | {r['reached']:.1%} | {r['mean_iou']:.4f} | "
-                  f"{r['box_iou']:.4f} |")
+            print(table_row(str(row["seed"]), arm, row[arm]))
     mean = {arm: {key: float(np.mean([row[arm][key] for row in rows])) for key in keys} for arm in ("suggested", "random")}
     for arm in ("suggested", "random"):
-        m = mean[arm]
-        print(f"| mean | {arm} | {m['mean_clicks']:.2f} | {m['reached']:.1%} | {m['mean_iou']:.4f} | {m['box_iou']:.4f} |")
+        print(table_row("mean", arm, mean[arm]))
     for key in keys:
         s, r = mean["suggested"][key], mean["random"][key]
         print(f"{key}: suggested - random {s - r:+.4f}, suggested / random {s / r if r else float('nan'):.3f}")
