@@ -10,6 +10,7 @@ import json
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -84,6 +85,36 @@ def test_one_worker_on_the_embedded_cluster_trains_in_the_jobs_driver(ray_cluste
     assert json.loads((second.run_dir / "config.json").read_text())["launcher"] == "driver"  # a resume does the same
     started = _actors_started(ray_cluster, since=submitted)
     assert not started & {"TrainController", "RayTrainWorker"}, started
+
+
+def test_two_vit_t_workers_at_the_decoder_defaults_hold_at_most_two_gigabytes_each(ray_cluster, cell_dataset, tmp_path):
+    """A biologist's laptop runs napari beside the training: each of two workers stays within 2 GB
+    (micro-sam's recipe held ~10 GB per worker, and Ray's memory monitor killed such runs here)."""
+    config = TrainConfig(data=str(cell_dataset), storage=str(tmp_path / "runs"), model="random:vit_t",
+                         workers=2, epochs=1)
+    assert RunClient(ray_cluster).submit(config).name == config.run_name
+    peaks: dict[int, float] = {}
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            for process in clusters.local_cluster_processes(ray_cluster):
+                try:
+                    if "RayTrainWorker" in " ".join(process.cmdline()):
+                        peaks[process.pid] = max(peaks.get(process.pid, 0.0), process.memory_info().rss / 1e9)
+                except psutil.Error:  # a worker that ended between listing and reading
+                    continue
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        RunClient(ray_cluster).wait(config.run_name, poll_s=0.5)
+    finally:
+        done.set()
+        watcher.join()
+    assert len(peaks) >= 2, peaks  # the two workers (an earlier test's may still be exiting)
+    assert max(peaks.values()) <= 2.0, f"peak resident memory per worker (GB): {peaks}"
 
 
 def test_two_workers_train_full_mode_on_crops_with_a_distributed_sampler(ray_cluster, cell_dataset, tmp_path):
