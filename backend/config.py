@@ -81,7 +81,8 @@ class TrainConfig:
     min_objects: int = 1
     """A training crop contains at least this many objects."""
     samples_per_epoch: int | None = None
-    """Training crops per epoch (full/lora); None = one per training image."""
+    """Training crops per epoch (full/lora) or image steps (fast recipe); None = one per training image
+    (the fast recipe: at least ``fast_recipe.MIN_IMAGES_PER_EPOCH``)."""
     n_objects_per_batch: int | None = None
     """Objects per image and step; None = the recipe's default (fast 32, micro-sam 25)."""
     n_sub_iteration: int | None = None

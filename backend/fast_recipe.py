@@ -41,6 +41,10 @@ from backend.windowed_decoder import (
 
 LOW_RES = 256
 """Side of the decoder's logit grid; SAM's padded input is 1024, so one cell is 4 x 4 input pixels."""
+MIN_IMAGES_PER_EPOCH = 6
+"""Image steps an epoch trains at least: an epoch ends in validation and a checkpoint (seconds on a
+CPU), so a run on one annotated image would otherwise spend its minutes validating (79 steps in 5
+minutes, and nothing learned). Six: the demo's training frames, where the figures were measured."""
 VAL_OBJECTS = 64
 """Objects per val image that validation prompts (spread over the image's objects)."""
 BOX_JITTER = 0.05

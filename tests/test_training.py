@@ -152,7 +152,7 @@ def test_config_round_trips_through_json(tmp_path):
 
 
 def test_progress_reaches_the_last_step_when_batches_do_not_divide_the_images(cell_dataset, tmp_path):
-    cfg = config(cell_dataset, tmp_path, mode="decoder", batch_size=2)  # 3 train images -> 2 steps
+    cfg = config(cell_dataset, tmp_path, mode="decoder", batch_size=2, samples_per_epoch=3)  # 3 image steps -> 2 steps
     reports = []
     tuner = SamFineTuner(cfg, progress=lambda epoch, step, total: reports.append((epoch, step, total)))
     tuner.run_epoch(0)
