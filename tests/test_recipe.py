@@ -186,8 +186,6 @@ def test_a_run_on_one_annotated_image_trains_several_steps_between_validations(t
 
 def test_embeddings_stored_in_the_dataset_are_used_not_computed(tmp_path, monkeypatch):
     data = tmp_path / "embedded.zarr"
-    from synthetic import cell_samples
-
     write_samples(data, cell_samples(2, "train", shape=(96, 96)) + cell_samples(1, "val", seed=4, shape=(96, 96)))
     fingerprint = load_model("random:tiny").encoder_fingerprint
     for sample_id in open_dataset(data).sample_ids():
