@@ -20,8 +20,9 @@ RECIPES = ("fast", "micro-sam")
 """fast: decoder mode only, many objects per batched decoder pass, losses on the 256 x 256 logit
 grid (backend.fast_recipe); micro-sam: micro-sam's iterative prompting step (every mode)."""
 RECIPE_DEFAULTS = {
-    # objects per image and step, prompting rounds, peak learning rate (chosen by measurement, docs/BENCHMARKS.md)
-    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 1e-3},
+    # objects per image and step, prompting rounds, peak learning rates from random and from trained
+    # weights (chosen by measurement, docs/BENCHMARKS.md)
+    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 1e-3, "lr_trained": 3e-4},
     "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8},
 }
 
@@ -174,12 +175,14 @@ class TrainConfig:
 
     @property
     def learning_rate(self) -> float:
-        """The peak learning rate: the fast recipe's own default; with micro-sam's recipe, micro-sam's
-        1e-5 when the encoder trains and 1e-4 for the decoder alone."""
+        """The peak learning rate. The fast recipe: 1e-3 from random weights; 3e-4 from trained ones (a
+        zoo model, a checkpoint, an earlier run's export as in the fine-tune dock's next round), where
+        1e-3's first steps undo what the model knew. micro-sam's recipe: micro-sam's 1e-5 when the
+        encoder trains and 1e-4 for the decoder alone."""
         if self.lr is not None:
             return self.lr
         if self.recipe == "fast":
-            return RECIPE_DEFAULTS["fast"]["lr"]
+            return RECIPE_DEFAULTS["fast"]["lr" if self.model.startswith("random:") else "lr_trained"]
         return 1e-4 if self.mode == "decoder" else 1e-5
 
     @property

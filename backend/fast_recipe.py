@@ -41,10 +41,12 @@ from backend.windowed_decoder import (
 
 LOW_RES = 256
 """Side of the decoder's logit grid; SAM's padded input is 1024, so one cell is 4 x 4 input pixels."""
-MIN_IMAGES_PER_EPOCH = 6
-"""Image steps an epoch trains at least: an epoch ends in validation and a checkpoint (seconds on a
-CPU), so a run on one annotated image would otherwise spend its minutes validating (79 steps in 5
-minutes, and nothing learned). Six: the demo's training frames, where the figures were measured."""
+MIN_IMAGES_PER_EPOCH = 18
+"""Image steps an epoch trains at least. An epoch ends in validation and a checkpoint, ~0.5 s on 2
+CPU cores, the time of ~4 steps: with 6 steps per epoch (the demo's six training frames) a run
+spent ~40 % of its minutes there, and on one annotated image, 79 one-step epochs in 5 minutes learned
+nothing. With 18, a 2.5-minute run trains twice the steps and ends at val box IoU 0.43 instead of 0.25
+(docs/BENCHMARKS.md)."""
 VAL_OBJECTS = 64
 """Objects per val image that validation prompts (spread over the image's objects)."""
 BOX_JITTER = 0.05

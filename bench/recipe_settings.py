@@ -7,6 +7,8 @@ and 14 with the whole-image decoder (``backend.evaluation``: box IoU and single-
 demo's 40 evenly spread objects per frame), which is what the annotator runs. The held-out frames
 17 and 19 are not read. A setting is ``key=value`` pairs joined by ``,``: ``TrainConfig`` fields,
 or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.windowed_decoder``. One line of JSON per setting.
+``--model`` starts every setting from other weights, e.g. a model folder an earlier run exported (a
+continued round, as the fine-tune dock's second round trip is); its own val scores are printed first.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3,lr_schedule=constant
 """
@@ -45,15 +47,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="*", default=[""], help="key=value,... (empty: the defaults)")
     parser.add_argument("--minutes", type=float, default=2.5)
+    parser.add_argument("--model", default="random:vit_t", help="starting weights (default: random:vit_t)")
     args = parser.parse_args()
     work = start_bench("recipe_settings_")
     data = hela_dataset(work)
+    if args.model != "random:vit_t":
+        scores = score(load_model(args.model), data)
+        print(json.dumps({"start_model": args.model, "val_box_iou": round(scores["box_iou"], 4),
+                          "val_point_iou": round(scores["point_iou"], 4)}), flush=True)
     defaults = {name: getattr(windowed_decoder, name) for name in RECIPE_CONSTANTS}
     for setting in args.settings:
         fields, constants = parse_setting(setting)
         for name, value in {**defaults, **constants}.items():
             setattr(windowed_decoder, name, value)
-        config = TrainConfig(data=str(data), storage=str(work / "runs"), model="random:vit_t",
+        config = TrainConfig(data=str(data), storage=str(work / "runs"), model=args.model,
                              minutes=args.minutes, epochs=100_000, **fields)
         start = time.perf_counter()
         model = load_model(str(train(config)))
