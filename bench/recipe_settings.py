@@ -29,6 +29,7 @@ from napari_raysam.demo import score
 from napari_raysam.runs import MetricsReader
 
 RECIPE_CONSTANTS = ("FAR_ROWS", "MIN_CROP")
+RANDOM_START = "random:vit_t"
 
 
 def parse_setting(text: str) -> tuple[dict, dict]:
@@ -47,11 +48,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="*", default=[""], help="key=value,... (empty: the defaults)")
     parser.add_argument("--minutes", type=float, default=2.5)
-    parser.add_argument("--model", default="random:vit_t", help="starting weights (default: random:vit_t)")
+    parser.add_argument("--model", default=RANDOM_START, help=f"starting weights (default: {RANDOM_START})")
     args = parser.parse_args()
     work = start_bench("recipe_settings_")
     data = hela_dataset(work)
-    if args.model != "random:vit_t":
+    if args.model != RANDOM_START:
         scores = score(load_model(args.model), data)
         print(json.dumps({"start_model": args.model, "val_box_iou": round(scores["box_iou"], 4),
                           "val_point_iou": round(scores["point_iou"], 4)}), flush=True)
