@@ -21,9 +21,9 @@ RECIPES = ("fast", "micro-sam")
 grid (backend.fast_recipe); micro-sam: micro-sam's iterative prompting step (every mode)."""
 RECIPE_DEFAULTS = {
     # objects per image and step, prompting rounds, peak learning rates from random and from trained
-    # weights (chosen by measurement, docs/BENCHMARKS.md)
-    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 1e-3, "lr_trained": 3e-4},
-    "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8},
+    # weights, optimiser steps of linear warm-up to the peak (chosen by measurement, docs/BENCHMARKS.md)
+    "fast": {"n_objects_per_batch": 32, "n_sub_iteration": 1, "lr": 1e-3, "lr_trained": 3e-4, "warmup_steps": 100},
+    "micro-sam": {"n_objects_per_batch": 25, "n_sub_iteration": 8, "warmup_steps": 0},
 }
 
 LAUNCHERS = ("auto", "ray-train", "driver")
@@ -72,7 +72,9 @@ class TrainConfig:
     lr: float | None = None
     """Peak learning rate; None picks the mode's default (see ``learning_rate``)."""
     lr_schedule: str = "cosine"
-    warmup_steps: int = 0
+    warmup_steps: int | None = None
+    """Optimiser steps of linear warm-up to the peak learning rate; None = the recipe's default (fast
+    100: a fresh AdamW at its peak undoes the first steps' work; micro-sam 0)."""
     weight_decay: float = 1e-2
     batch_size: int = 1
     """Images (decoder mode) or crops (full/lora) per step and worker."""
@@ -127,6 +129,8 @@ class TrainConfig:
             self.n_objects_per_batch = defaults["n_objects_per_batch"]
         if self.n_sub_iteration is None:
             self.n_sub_iteration = defaults["n_sub_iteration"]
+        if self.warmup_steps is None:
+            self.warmup_steps = defaults["warmup_steps"]
         if self.minutes is not None and not self.minutes > 0:
             raise ConfigError(f"minutes must be a time budget > 0 (e.g. 5) or empty, got {self.minutes}")
         if self.lr_schedule not in LR_SCHEDULES:

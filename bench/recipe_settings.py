@@ -9,6 +9,8 @@ demo's 40 evenly spread objects per frame), which is what the annotator runs. Th
 or ``FAR_ROWS`` / ``MIN_CROP`` of ``backend.windowed_decoder``. One line of JSON per setting.
 ``--model`` starts every setting from other weights, e.g. a model folder an earlier run exported (a
 continued round, as the fine-tune dock's second round trip is); its own val scores are printed first.
+``--clicks N`` also runs the simulated annotator (bench/clicks.py's) on N evenly spread objects per
+val frame: whether corrective clicks help the kept model.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/recipe_settings.py --minutes 2.5 lr=3e-4,n_objects_per_batch=32 lr=1e-3,lr_schedule=constant
 """
@@ -24,6 +26,7 @@ from backend.config import TrainConfig
 from backend.models import load_model
 from backend.run_directory import kept_epoch
 from backend.training import train
+from clicks import clicks_on
 from common import hela_dataset, setting_value, start_bench
 from napari_raysam.demo import score
 from napari_raysam.runs import MetricsReader
@@ -48,6 +51,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("settings", nargs="*", default=[""], help="key=value,... (empty: the defaults)")
     parser.add_argument("--minutes", type=float, default=2.5)
+    parser.add_argument("--clicks", type=int, default=0, help="simulated annotator on N objects per val frame")
     parser.add_argument("--model", default=RANDOM_START, help=f"starting weights (default: {RANDOM_START})")
     args = parser.parse_args()
     work = start_bench("recipe_settings_")
@@ -64,16 +68,22 @@ def main() -> None:
         config = TrainConfig(data=str(data), storage=str(work / "runs"), model=args.model,
                              minutes=args.minutes, epochs=100_000, **fields)
         start = time.perf_counter()
-        model = load_model(str(train(config)))
+        folder = train(config)
+        model = load_model(str(folder))
         metrics = MetricsReader(config.run_dir).read()
         kept = kept_epoch(metrics)
         scores = score(model, data)  # the val split of the training dataset: frames 12 and 14
+        clicks = {}
+        if args.clicks:
+            summary = clicks_on(str(folder), data, args.clicks)
+            clicks = {"clicks_iou_after_box_and_last": [round(summary["box_iou"], 4), round(summary["mean_iou"], 4)],
+                      "clicks_to_0.5": round(summary["clicks_to_0.5"], 2), "clicks_to_0.9": round(summary["mean_clicks"], 2)}
         print(json.dumps({
             "setting": setting or "defaults", "epochs": len(metrics), "kept_epoch": kept["epoch"],
             "windowed_val_iou_first_kept_last": [round(metrics[0]["val_iou"], 4), round(kept["val_iou"], 4),
                                                  round(metrics[-1]["val_iou"], 4)],
             "val_box_iou": round(scores["box_iou"], 4), "val_point_iou": round(scores["point_iou"], 4),
-            "wall_s": round(time.perf_counter() - start),
+            **clicks, "wall_s": round(time.perf_counter() - start),
         }), flush=True)
 
 

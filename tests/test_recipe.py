@@ -156,7 +156,7 @@ def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
 
 
 def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_path):
-    cfg = fast_config(cell_dataset, tmp_path, epochs=1000, minutes=0.2, samples_per_epoch=3)
+    cfg = fast_config(cell_dataset, tmp_path, epochs=1000, minutes=0.2, samples_per_epoch=3, warmup_steps=0)
     model = train(cfg)
     metrics = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
     progress = json.loads((cfg.run_dir / "progress.json").read_text())
@@ -170,6 +170,14 @@ def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_
     # the cosine follows the budget, not the 1000-epoch cap: near its peak early, near 0 by the end
     peak = cfg.learning_rate
     assert metrics[0]["lr"] > 0.5 * peak and metrics[-1]["lr"] < 0.1 * peak
+
+
+def test_a_fast_run_climbs_to_its_peak_learning_rate_over_its_first_steps(cell_dataset, tmp_path):
+    """A fresh AdamW at the peak undid the first steps' work (docs/BENCHMARKS.md): the fast recipe warms up."""
+    cfg = fast_config(cell_dataset, tmp_path, epochs=3, samples_per_epoch=40, lr_schedule="constant")
+    train(cfg)
+    lrs = [json.loads(line)["lr"] for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert lrs[0] < 0.5 * cfg.learning_rate and lrs[-1] == pytest.approx(cfg.learning_rate)
 
 
 def test_a_run_on_one_annotated_image_trains_several_steps_between_validations(tmp_path):

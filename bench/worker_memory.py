@@ -1,14 +1,17 @@
-"""Peak resident memory of each Ray Train worker in a 2-worker decoder-mode run, at the defaults.
+"""Peak resident memory of each Ray Train worker in a training run, at the recipe's defaults.
 
-Runs the real command line (``napari-raysam train --workers 2``, random ``vit_t``, decoder
-mode, the fast recipe's defaults) on the embedded local Ray, started for this benchmark in
+Runs the real command line (``napari-raysam train``; by default 2 workers, random ``vit_t``,
+decoder mode, so the fast recipe; ``--mode full`` trains micro-sam's recipe) on the embedded local Ray, started for this benchmark in
 its own state folder and stopped at the end by the ids of its own processes. While it runs,
 the resident set size of every process whose command line names ``RayTrainWorker`` (of this
 benchmark's cluster only: another Ray on the machine has its own workers) is read every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic images
 (4 train, 2 val, 30 cells each; the set the "before" figure of issue 8 was taken on) and the
 real HeLa frames (6 train, 2 val, 700 x 1100).
 
-    .venv/bin/python bench/decoder_memory.py [--epochs 3] [--datasets synthetic,hela]
+    .venv/bin/python bench/worker_memory.py [--epochs 3] [--datasets synthetic,hela]
+        [--model vit_t] [--mode decoder] [--workers 2] [--objects N]
+
+(full-mode vit_b held ~14 GB in one process: give it ``--workers 1`` on a 24 GiB machine.)
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--datasets", default="synthetic,hela")
+    parser.add_argument("--model", default="vit_t", help="SAM type, random weights")
+    parser.add_argument("--mode", default="decoder", choices=("decoder", "full"))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--objects", type=int, help="objects per image and step (default: the recipe's)")
     args = parser.parse_args()
     print(machine(), flush=True)
     work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -72,17 +79,17 @@ def main() -> None:
                       + cell_samples(2, "val", seed=2, shape=(256, 256), n_cells=30))
     if "hela" in args.datasets:
         data["hela"] = hela_dataset(work / "hela")
-    result = {"machine": machine()}
+    result = {"machine": machine(), "model": args.model, "mode": args.mode, "workers": args.workers}
     try:
         for name, path in data.items():
             command = [
                 str(Path(sys.executable).parent / "napari-raysam"), "train", "--data", str(path),
-                "--storage", str(work / "runs"), "--model", "random:vit_t", "--mode", "decoder",
-                "--epochs", str(args.epochs), "--workers", "2", "--run-name", f"memory-{name}",
-            ]
+                "--storage", str(work / "runs"), "--model", f"random:{args.model}", "--mode", args.mode,
+                "--epochs", str(args.epochs), "--workers", str(args.workers), "--run-name", f"memory-{name}",
+            ] + (["--objects-per-batch", str(args.objects)] if args.objects else [])
             peaks = worker_peaks(command)
             result[name] = sorted(peaks.values(), reverse=True)
-            print(f"{name}: peak RSS per Ray Train worker (GB): {[round(p, 2) for p in result[name]]}", flush=True)
+            print(f"{name}, {args.model} {args.mode}: peak RSS per Ray Train worker (GB): {[round(p, 2) for p in result[name]]}", flush=True)
     finally:
         running = clusters.running_local_cluster()
         if running is not None:
