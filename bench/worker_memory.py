@@ -43,19 +43,21 @@ def ours(candidate: psutil.Process) -> bool:
         return False
 
 
-def worker_peaks(command: list[str]) -> dict[int, float]:
-    """Run ``command`` to its end; returns peak RSS (GB) per Ray Train worker process id of our cluster."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peaks: dict[int, float] = {}
-    while process.poll() is None:
-        for candidate in psutil.process_iter(["pid", "cmdline", "memory_info"]):
-            cmdline = " ".join(candidate.info["cmdline"] or [])
-            if "RayTrainWorker" in cmdline and candidate.info["memory_info"] is not None and ours(candidate):
-                rss = candidate.info["memory_info"].rss / 1e9
-                peaks[candidate.info["pid"]] = max(peaks.get(candidate.info["pid"], 0.0), rss)
-        time.sleep(0.2)
+def worker_peaks(command: list[str], log: Path) -> dict[int, float]:
+    """Run ``command`` to its end (its output to ``log``); returns peak RSS (GB) per Ray Train worker process id of our cluster."""
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+        peaks: dict[int, float] = {}
+        while process.poll() is None:
+            for candidate in psutil.process_iter(["pid", "cmdline", "memory_info"]):
+                cmdline = " ".join(candidate.info["cmdline"] or [])
+                if "RayTrainWorker" in cmdline and candidate.info["memory_info"] is not None and ours(candidate):
+                    rss = candidate.info["memory_info"].rss / 1e9
+                    peaks[candidate.info["pid"]] = max(peaks.get(candidate.info["pid"], 0.0), rss)
+            time.sleep(0.2)
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}")
+        tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+        raise RuntimeError(f"{' '.join(command)} failed with exit code {process.returncode}:\n{tail}")
     return peaks
 
 
@@ -86,8 +88,9 @@ def main() -> None:
                 str(Path(sys.executable).parent / "napari-raysam"), "train", "--data", str(path),
                 "--storage", str(work / "runs"), "--model", f"random:{args.model}", "--mode", args.mode,
                 "--epochs", str(args.epochs), "--workers", str(args.workers), "--run-name", f"memory-{name}",
+                "--launcher", "ray-train",  # one worker too: the figure is a Ray Train worker's
             ] + (["--objects-per-batch", str(args.objects)] if args.objects else [])
-            peaks = worker_peaks(command)
+            peaks = worker_peaks(command, work / f"{name}.log")
             result[name] = sorted(peaks.values(), reverse=True)
             print(f"{name}, {args.model} {args.mode}: peak RSS per Ray Train worker (GB): {[round(p, 2) for p in result[name]]}", flush=True)
     finally:
