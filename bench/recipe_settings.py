@@ -76,8 +76,10 @@ def main() -> None:
         clicks = {}
         if args.clicks:
             summary = clicks_on(str(folder), data, args.clicks)
-            clicks = {"clicks_iou_after_box_and_last": [round(summary["box_iou"], 4), round(summary["mean_iou"], 4)],
-                      "clicks_to_0.5": round(summary["clicks_to_0.5"], 2), "clicks_to_0.9": round(summary["mean_clicks"], 2)}
+            clicks = {
+                "clicks_iou_after_box_and_last": [round(summary["box_iou"], 4), round(summary["mean_iou"], 4)],
+                "clicks_to_0.5": round(summary["clicks_to_0.5"], 2), "clicks_to_0.9": round(summary["mean_clicks"], 2),
+            }
         print(json.dumps({
             "setting": setting or "defaults", "epochs": len(metrics), "kept_epoch": kept["epoch"],
             "windowed_val_iou_first_kept_last": [round(metrics[0]["val_iou"], 4), round(kept["val_iou"], 4),

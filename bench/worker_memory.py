@@ -1,17 +1,19 @@
 """Peak resident memory of each Ray Train worker in a training run, at the recipe's defaults.
 
 Runs the real command line (``napari-raysam train``; by default 2 workers, random ``vit_t``,
-decoder mode, so the fast recipe; ``--mode full`` trains micro-sam's recipe) on the embedded local Ray, started for this benchmark in
-its own state folder and stopped at the end by the ids of its own processes. While it runs,
-the resident set size of every process whose command line names ``RayTrainWorker`` (of this
-benchmark's cluster only: another Ray on the machine has its own workers) is read every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic images
-(4 train, 2 val, 30 cells each; the set the "before" figure of issue 8 was taken on) and the
+decoder mode, so the fast recipe; ``--mode full`` trains micro-sam's recipe) on the embedded local
+Ray, started for this benchmark in its own state folder and stopped at the end by the ids of its
+own processes. While it runs, the resident set size of every process whose command line names
+``RayTrainWorker`` (of this benchmark's cluster only: another Ray on the machine has its own
+workers) is read every 0.2 s; the figure is each worker's peak. Datasets: six 256 x 256 synthetic
+images (4 train, 2 val, 30 cells each; the set the "before" figure of issue 8 was taken on) and the
 real HeLa frames (6 train, 2 val, 700 x 1100).
 
     .venv/bin/python bench/worker_memory.py [--epochs 3] [--datasets synthetic,hela]
         [--model vit_t] [--mode decoder] [--workers 2] [--objects N]
 
-(full-mode vit_b held ~14 GB in one process: give it ``--workers 1`` on a 24 GiB machine.)
+Full mode at micro-sam's defaults (25 objects, 8 rounds) outgrew a 24 GiB machine with one vit_t
+worker (Ray's memory monitor killed it at 19.6 GB, docs/BENCHMARKS.md): give it ``--objects``.
 """
 
 from __future__ import annotations
@@ -44,7 +46,8 @@ def ours(candidate: psutil.Process) -> bool:
 
 
 def worker_peaks(command: list[str], log: Path) -> dict[int, float]:
-    """Run ``command`` to its end (its output to ``log``); returns peak RSS (GB) per Ray Train worker process id of our cluster."""
+    """Run ``command`` to its end, its output to ``log``; returns peak RSS (GB) per Ray Train worker
+    process id of our cluster."""
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
         peaks: dict[int, float] = {}
@@ -92,7 +95,8 @@ def main() -> None:
             ] + (["--objects-per-batch", str(args.objects)] if args.objects else [])
             peaks = worker_peaks(command, work / f"{name}.log")
             result[name] = sorted(peaks.values(), reverse=True)
-            print(f"{name}, {args.model} {args.mode}: peak RSS per Ray Train worker (GB): {[round(p, 2) for p in result[name]]}", flush=True)
+            peaks_gb = [round(p, 2) for p in result[name]]
+            print(f"{name}, {args.model} {args.mode}: peak RSS per Ray Train worker (GB): {peaks_gb}", flush=True)
     finally:
         running = clusters.running_local_cluster()
         if running is not None:
