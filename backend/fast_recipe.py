@@ -5,9 +5,9 @@ Per training image this recipe keeps, once: the ``(1, 256, 64, 64)`` embedding a
 instance labels resampled to the decoder's ``256 x 256`` low-resolution logit grid. A step
 takes up to ``n_objects`` objects of one image, prompts each with a jittered box or a random
 interior point, and runs ONE batched decoder pass for all of them (SAM's decoder repeats the
-image embedding per prompt); later prompting rounds add one corrective click per object where
-the previous prediction is wrong. Each round is backpropagated as soon as it is computed, so
-the memory held is that of one round, not of all rounds.
+image embedding per prompt); later prompting rounds add one corrective click per object in the
+middle of where the previous prediction is wrong. Each round is backpropagated as soon as it is
+computed, so the memory held is that of one round, not of all rounds.
 
 Each object's pass runs over a window of the image tokens around it, plus ``FAR_ROWS`` rows of
 tokens drawn from the rest of the image (``backend.windowed_decoder``, which makes the window decode
@@ -167,6 +167,25 @@ def _random_points(masks: torch.Tensor, generator: torch.Generator) -> torch.Ten
     return torch.stack([index % width, index // width], dim=1).float() * 4 + jitter
 
 
+def _error_centres(errors: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A pixel deepest inside each of ``(B, h, w)`` error masks (chessboard distance to the mask's
+    edge, ties drawn at random; anywhere when empty), as ``_random_points`` returns points.
+
+    That is where a person, and ``backend.simulated_annotator``, clicks: in the middle of the
+    error, which is in its thickest region, mostly its largest. Trained on random error pixels,
+    which lie mostly on a mask's rim, a decoder's corrective clicks helped less (docs/BENCHMARKS.md).
+    """
+    deepest = errors
+    eroded = errors.float()[:, None]
+    while True:
+        eroded = -F.max_pool2d(-eroded, 3, stride=1, padding=1)
+        alive = eroded.flatten(1).amax(1) > 0
+        if not alive.any():
+            break
+        deepest = torch.where(alive[:, None, None], eroded[:, 0] > 0, deepest)
+    return _random_points(deepest, generator)
+
+
 def _jittered(boxes: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     size = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
     noise = (torch.rand(boxes.shape, generator=generator, device=boxes.device) * 2 - 1) * BOX_JITTER * size
@@ -180,11 +199,11 @@ def train_image(
     """Forward and backward for up to ``n_objects`` objects of one image over ``rounds`` prompting rounds.
 
     Half the objects start from a jittered box, half from a random interior point; each later
-    round adds one click per object at a random pixel of its error (positive where the mask
-    misses the object, negative where it spills over) and, with probability ``mask_prob``, the
-    previous round's logits as the mask prompt (annotators may feed them back, as micro-sam's
-    evaluation does, or not). Gradients accumulate into ``sam``'s
-    parameters, scaled by ``loss_scale``; returns (mean loss over rounds, objects used).
+    round adds one click per object in the middle of its error (``_error_centres``; positive
+    where the mask misses the object, negative where it spills over) and, with probability
+    ``mask_prob``, the previous round's logits as the mask prompt (annotators may feed them back,
+    as micro-sam's evaluation does, or not). Gradients accumulate into ``sam``'s parameters,
+    scaled by ``loss_scale``; returns (mean loss over rounds, objects used).
     """
     chosen = torch.randperm(image.n_objects, generator=generator, device=generator.device)[:n_objects]
     boxes = image.boxes[chosen]
@@ -223,7 +242,7 @@ def train_image(
         total += float(loss.detach())
         if round_index + 1 < rounds:
             errors = ((logits.detach()[rows, picked] > 0) ^ targets)[:, :window_side]
-            local = _random_points(errors, generator)
+            local = _error_centres(errors, generator)
             cell = (local / 4).long().clamp(0, window_side - 1)
             positive = targets[rows, cell[:, 1], cell[:, 0]].long()
             clicks = local + offsets

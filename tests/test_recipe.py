@@ -155,6 +155,16 @@ def test_corrective_rounds_train_the_mask_prompt_encoder(hela_crops):
         assert all(g is not None and g.abs().sum() > 0 for g in grads) == trained, (rounds, mask_prob)
 
 
+def test_a_corrective_click_lands_in_the_middle_of_the_error_as_an_annotators_does():
+    """The error: a mask that missed a 20 x 20 part of the object and spilled a 1-pixel rim elsewhere."""
+    errors = torch.zeros(2, 64, 64, dtype=torch.bool)
+    errors[:, 10:30, 30:50] = True  # the missed part; its middle is (x, y) = (39.5, 19.5)
+    errors[:, 50, :] = True  # the rim: more pixels than the missed part, none of them in a middle
+    errors[1, 40:44, 0:4] = True  # a small blob elsewhere changes nothing
+    clicks = fast_recipe._error_centres(errors, torch.Generator().manual_seed(0)) / 4  # input pixels -> cells
+    assert torch.all((clicks[:, 0] >= 38) & (clicks[:, 0] < 42) & (clicks[:, 1] >= 18) & (clicks[:, 1] < 22)), clicks
+
+
 def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_path):
     cfg = fast_config(cell_dataset, tmp_path, epochs=1000, minutes=0.2, samples_per_epoch=3, warmup_steps=0)
     model = train(cfg)
