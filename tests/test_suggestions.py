@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from qtpy.QtCore import Qt
 
 from backend.config import TrainConfig
@@ -40,9 +41,12 @@ def fields(seed: int, n: int) -> list[np.ndarray]:
     return [synthetic_cells(rng, shape=SHAPE, n_channels=1, n_cells=CELLS)[0][0] for _ in range(n)]
 
 
-def inverted(field: np.ndarray) -> np.ndarray:
-    """The field with dark cells on a bright background (another stain, say): unlike anything the model saw."""
-    return (2000 - field.astype(np.int32)).astype(np.uint16)
+def magnified(field: np.ndarray) -> np.ndarray:
+    """The field at 3x the magnification (another objective): cells three times the size of any the
+    model saw. The model is less sure of it than of the usual fields by ~0.1 (an inverted field, dark
+    cells on a bright background, by 0.03 only: too close to tell apart from the CPU's arithmetic)."""
+    side = -(-SHAPE[0] // 3)
+    return ndimage.zoom(field[:side, :side], 3, order=1)[: SHAPE[0], : SHAPE[1]]
 
 
 def test_the_suggestion_is_the_most_uncertain_image_not_annotated_and_not_shown():
@@ -58,18 +62,16 @@ def test_a_fine_tuned_model_is_least_sure_of_a_field_unlike_its_training(fine_tu
     session = SamSession(cache_dir=tmp_path / "cache")
     session.set_model(fine_tuned)
     usual = [session.uncertainty(sam_rgb(field[None], (0,))) for field in fields(1, 3)]
-    unusual = session.uncertainty(sam_rgb(inverted(fields(2, 1)[0])[None], (0,)))
-    print("uncertainty of usual fields", usual, "of the inverted one", unusual)
+    unusual = session.uncertainty(sam_rgb(magnified(fields(2, 1)[0])[None], (0,)))
+    print("uncertainty of usual fields", usual, "of the magnified one", unusual)
     assert all(0.0 <= value <= 1.0 for value in [*usual, unusual])
-    # the ranking is what the suggestion uses; the margin depends on the CPU's arithmetic: 0.03 on an
-    # AMD EPYC (0.325 against 0.295 at most); above 0.05 on the Intel Xeons where it passed before
-    assert unusual > max(usual) + 0.01
+    assert unusual > max(usual) + 0.05  # 0.394 against 0.295 at most on an AMD EPYC
 
 
 def test_suggested_goes_to_the_hard_image_then_to_another_once_it_is_annotated(annotator, qtbot, fine_tuned):
     viewer, widget = annotator
     easy = fields(3, 3)
-    stack = np.stack([inverted(easy[0]), easy[1], easy[2], fields(4, 1)[0]])  # image 1 is the hard one
+    stack = np.stack([magnified(easy[0]), easy[1], easy[2], fields(4, 1)[0]])  # image 1 is the hard one
     viewer.add_image(stack, name="fields")
     widget.image.layout_combo.setCurrentIndex(0)  # slices
     series = widget.series
