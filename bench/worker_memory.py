@@ -13,7 +13,8 @@ real HeLa frames (6 train, 2 val, 700 x 1100).
         [--model vit_t] [--mode decoder] [--workers 2] [--objects N]
 
 Full mode at micro-sam's defaults (25 objects, 8 rounds) outgrew a 24 GiB machine with one vit_t
-worker (Ray's memory monitor killed it at 19.6 GB, docs/BENCHMARKS.md): give it ``--objects``.
+worker (Ray's memory monitor killed it at 19.6 GB): give it ``--objects`` (vit_t: 5.5 GB with 1, 10.9 GB
+with 5, docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
