@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy import ndimage
 from qtpy.QtCore import Qt
+from scipy import ndimage
 
 from backend.config import TrainConfig
 from backend.dataset import write_samples
