@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--rounds", type=int, help="prompting rounds per object and step: the first prompt, then corrective clicks "
-        "(default: the recipe's, fast 1, micro-sam 8)"
+        "(default: the recipe's, fast 1, micro-sam 8; with the fast recipe's 1, the model's corrective clicks make "
+        "a mask worse, and 2 stops that at the cost of a box that learns slower: docs/BENCHMARKS.md)"
     )
     train.add_argument("--run-name", default="", help="unique name of this run (default: time-model-mode)")
     train.add_argument("--no-ray", action="store_true", help="train in this process without Ray")
