@@ -177,7 +177,9 @@ def _error_centres(errors: torch.Tensor, generator: torch.Generator) -> torch.Te
     """
     deepest = errors
     eroded = errors.float()[:, None]
-    while True:
+    # the window's edge does not erode (as a distance transform in the annotator's crop), so a mask
+    # that is error everywhere never empties; any other is empty after max(h, w) erosions
+    for _ in range(max(errors.shape[-2:])):
         eroded = -F.max_pool2d(-eroded, 3, stride=1, padding=1)
         alive = eroded.flatten(1).amax(1) > 0
         if not alive.any():

@@ -165,6 +165,12 @@ def test_a_corrective_click_lands_in_the_middle_of_the_error_as_an_annotators_do
     assert torch.all((clicks[:, 0] >= 38) & (clicks[:, 0] < 42) & (clicks[:, 1] >= 18) & (clicks[:, 1] < 22)), clicks
 
 
+def test_a_corrective_click_on_a_window_that_is_all_error_lands_in_the_window():
+    """A mask that is the object's exact opposite over its whole window still gets a click (it once looped forever)."""
+    clicks = fast_recipe._error_centres(torch.ones(1, 16, 16, dtype=torch.bool), torch.Generator().manual_seed(0))
+    assert torch.all((clicks >= 0) & (clicks < 4 * 16)), clicks
+
+
 def test_minutes_stops_training_on_time_and_exports_the_model(cell_dataset, tmp_path):
     cfg = fast_config(cell_dataset, tmp_path, epochs=1000, minutes=0.2, samples_per_epoch=3, warmup_steps=0)
     model = train(cfg)

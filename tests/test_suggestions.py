@@ -45,8 +45,8 @@ def magnified(field: np.ndarray) -> np.ndarray:
     """The field at 3x the magnification (another objective): cells three times the size of any the
     model saw. The model is less sure of it than of the usual fields by ~0.1 (an inverted field, dark
     cells on a bright background, by 0.03 only: too close to tell apart from the CPU's arithmetic)."""
-    side = -(-SHAPE[0] // 3)
-    return ndimage.zoom(field[:side, :side], 3, order=1)[: SHAPE[0], : SHAPE[1]]
+    height, width = field.shape
+    return ndimage.zoom(field[: -(-height // 3), : -(-width // 3)], 3, order=1)[:height, :width]
 
 
 def test_the_suggestion_is_the_most_uncertain_image_not_annotated_and_not_shown():
