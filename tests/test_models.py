@@ -11,6 +11,7 @@ import requests
 import safetensors.torch
 import torch
 from micro_sam.models.peft_sam import PEFT_Sam
+from segment_anything.modeling.image_encoder import Attention
 
 from backend.models import (
     LoadedModel,
@@ -23,6 +24,8 @@ from backend.models import (
     save_model_folder,
     state_fingerprint,
 )
+from backend.models import attention
+from backend.models.attention import HeadChunkedAttention
 
 ZOO_NAME = "vit_t_lm"
 
@@ -82,6 +85,21 @@ def test_tiny_model_produces_sam_shaped_embeddings_quickly(image):
     embeddings = _encode(sam, image)
     assert embeddings.shape == (1, 256, 64, 64)
     assert sam.prompt_encoder.get_dense_pe().shape == (1, 256, 64, 64)
+
+
+def test_global_attention_in_chunks_of_heads_embeds_as_segment_anythings_does(image, monkeypatch):
+    """Chunking bounds the memory of embedding an image (vit_b: ~2.4 GB of attention scores at once)
+    and must not change the embedding."""
+    sam = build_sam("tiny")
+    attn = sam.image_encoder.blocks[1].attn  # the tiny encoder's global-attention block
+    assert type(attn) is HeadChunkedAttention
+    with torch.no_grad():  # relative positions start at zero: make them count
+        attn.rel_pos_h.normal_(generator=torch.Generator().manual_seed(1))
+        attn.rel_pos_w.normal_(generator=torch.Generator().manual_seed(2))
+    monkeypatch.setattr(attention, "CHUNK_BYTES", 1)  # one head at a time: two chunks
+    chunked = _encode(sam, image)
+    attn.__class__ = Attention
+    assert torch.allclose(chunked, _encode(sam, image), atol=1e-5)
 
 
 def test_build_is_deterministic_per_seed_and_leaves_global_rng_alone():

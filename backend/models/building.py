@@ -15,6 +15,8 @@ import torch
 from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
+from backend.models.attention import chunk_global_attention
+
 
 MODEL_TYPES: tuple[str, ...] = ("vit_t", "vit_b", "vit_l", "vit_h", "tiny")
 
@@ -71,7 +73,8 @@ def build_sam(model_type: str, seed: int = 0) -> Sam:
 
     The weights depend only on ``seed``; the global torch RNG is left untouched. The model is on
     the CPU, in eval mode, and maps a ``(B, 3, 1024, 1024)`` float image to ``(B, 256, 64, 64)``
-    image embeddings like every SAM.
+    image embeddings like every SAM; a ViT encoder's global attention is computed in chunks of heads
+    (``backend.models.attention``), which bounds the memory of embedding an image.
     """
     if model_type not in MODEL_TYPES:
         raise ModelError(f"unknown model type '{model_type}'; use one of {', '.join(MODEL_TYPES)}")
@@ -83,6 +86,7 @@ def build_sam(model_type: str, seed: int = 0) -> Sam:
             sam = _mobile_sam_registry()["vit_t"](checkpoint=None)
         else:
             sam = sam_model_registry[model_type](checkpoint=None)
+    chunk_global_attention(sam.image_encoder)
     return sam.eval()
 
 
