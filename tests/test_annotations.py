@@ -1,6 +1,8 @@
 """Never losing work (napari_raysam.annotator.annotations): autosaved labels, commits and undo."""
 
 import json
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -66,6 +68,43 @@ def test_a_corrupt_save_gives_none_and_a_warning_naming_the_file(tmp_path):
     path.write_bytes(b"not a numpy file")
     with pytest.warns(UserWarning, match="cannot be read"):
         assert store.load(KEY, (70, 80)) is None
+
+
+def test_a_background_save_returns_at_once_and_loading_waits_for_it(tmp_path, monkeypatch):
+    """A commit on a large image must not wait for its 400 MB write; the next load must still see it."""
+    writes, writing = [], threading.Event()
+    plain_save = AnnotationStore.save
+
+    def slow_save(self, key, labels, source=""):
+        writing.set()
+        time.sleep(0.3)
+        writes.append(int(labels.max()))
+        return plain_save(self, key, labels, source)
+
+    def labels_with(n_objects: int) -> np.ndarray:
+        labels = np.zeros((64, 64), np.uint32)
+        labels[:n_objects] = np.arange(1, n_objects + 1)[:, None]
+        return labels
+
+    monkeypatch.setattr(AnnotationStore, "save", slow_save)
+    store = AnnotationStore(tmp_path)
+    started = time.perf_counter()
+    store.save_in_background(KEY, labels_with(1))
+    assert time.perf_counter() - started < 0.2
+    assert writing.wait(5)
+    store.save_in_background(KEY, labels_with(2))  # both wait while the first is written
+    store.save_in_background(KEY, labels_with(3))
+    assert AnnotationStore(tmp_path).load(KEY, (64, 64)).max() == 3  # another store, as a reopened dock's
+    assert writes == [1, 3]  # the second was overtaken by the third before its turn: written once, not twice
+
+
+def test_a_failed_background_save_is_reported(tmp_path):
+    (tmp_path / "annotations").write_text("a file where the folder should be")
+    errors = []
+    store = AnnotationStore(tmp_path)
+    store.save_in_background(KEY, np.ones((8, 8), np.uint32), failed=errors.append)
+    assert store.load(KEY, (8, 8)) is None
+    assert len(errors) == 1 and isinstance(errors[0], OSError)
 
 
 # --- commits and undo ---------------------------------------------------------------------------

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import threading
+import time
 from pathlib import Path
 
 import npe2
@@ -14,6 +16,7 @@ from qtpy.QtCore import Qt
 
 from backend.dataset import open_dataset
 from backend.models import load_model, save_model_folder
+from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.widgets import annotator as annotator_module
 from napari_raysam.widgets.annotator import (
     AUTOMATIC_LAYER,
@@ -194,6 +197,43 @@ def test_hand_painting_is_autosaved(annotator, qtbot):
     committed = viewer.layers[COMMITTED_LAYER]
     committed.paint((40, 40), 7)
     qtbot.waitUntil(lambda: (saved := widget.store.load(widget._plane_key, (96, 96))) is not None and saved[40, 40] == 7)
+
+
+def test_a_commit_does_not_wait_for_its_autosave(annotator, qtbot, monkeypatch):
+    """Writing a 10,000 x 10,000 image's labels takes ~1 s (docs/BENCHMARKS.md): on napari's thread
+    that froze the viewer at every commit."""
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(2), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+    plain_save = AnnotationStore.save
+
+    def slow_save(self, *args, **kwargs):
+        time.sleep(1.0)
+        return plain_save(self, *args, **kwargs)
+
+    monkeypatch.setattr(AnnotationStore, "save", slow_save)
+    propose_square(widget, np.s_[5:15, 5:15])
+    started = time.perf_counter()
+    click(qtbot, widget.commit_button)
+    assert time.perf_counter() - started < 0.5 and widget.status.text() == "committed object 1"
+    assert widget.store.load(widget._plane_key, (96, 96))[10, 10] == 1
+
+
+def test_an_autosave_that_fails_says_what_to_do(annotator, qtbot, monkeypatch):
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(2), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells")
+    embed(qtbot, widget)
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(AnnotationStore, "save", full_disk)
+    propose_square(widget, np.s_[5:15, 5:15])
+    click(qtbot, widget.commit_button)
+    qtbot.waitUntil(lambda: widget.status.text().startswith(
+        "could not autosave the annotations (No space left on device): free disk space"))
 
 
 def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot, tmp_path):

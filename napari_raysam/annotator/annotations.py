@@ -8,8 +8,11 @@ the raw image slice, not SAM's input, so they come back whichever channels feed 
 from __future__ import annotations
 
 import json
+import threading
 import warnings
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +24,13 @@ from napari_raysam.cluster import state_dir
 
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
+
+# One thread writes every background save, in the order asked (a later save of a file lands after an
+# earlier one). Python waits for it at exit, so quitting napari never drops a queued save.
+_WRITER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-raysam-autosave")
+_QUEUED: dict[Path, Future] = {}
+"""The newest background save of each labels file (done or not)."""
+_QUEUED_LOCK = threading.Lock()
 
 
 def default_cache_dir() -> Path:
@@ -71,13 +81,46 @@ class AnnotationStore:
         write_file(path.parent / META_FILE, lambda file: file.write(meta_text), durable=True)
         return path
 
+    def save_in_background(
+        self, key: str, labels: np.ndarray, source: str = "", failed: Callable[[OSError], None] | None = None,
+    ) -> None:
+        """``save`` on the autosave thread; returns at once. For a 10,000 x 10,000 image the write
+        (400 MB, flushed to disk) takes ~0.5-1 s, which on napari's thread froze the viewer at
+        every commit.
+
+        ``labels`` is written as it is when the write starts, not copied (a copy costs about as much
+        as the write): a change made to it meanwhile (a commit, the brush) must be followed by another
+        save, as the annotator's are. Of several saves of one slice still waiting, only the newest is
+        written. ``load`` (any store, any thread) waits for the slice's queued save. ``failed(error)``
+        is called on the autosave thread when the write fails.
+        """
+        path = self.path(key)
+
+        def write() -> None:
+            with _QUEUED_LOCK:
+                if _QUEUED.get(path) is not future:
+                    return  # a newer save of this slice follows: it writes the labels as they are then
+            try:
+                self.save(key, labels, source)
+            except OSError as error:
+                if failed is not None:
+                    failed(error)
+
+        with _QUEUED_LOCK:  # held until ``future`` is bound, so ``write`` compares with it
+            future = _WRITER.submit(write)
+            _QUEUED[path] = future
+
     def load(self, key: str, shape: tuple[int, int]) -> np.ndarray | None:
-        """The saved ``(H, W)`` uint32 labels of slice ``key``, or None.
+        """The saved ``(H, W)`` uint32 labels of slice ``key``, or None; waits for its background save.
 
         None if nothing was saved or the saved labels have another shape; also None, with a
         warning naming the file, if the file cannot be read (never an exception).
         """
         path = self.path(key)
+        with _QUEUED_LOCK:
+            queued = _QUEUED.get(path)
+        if queued is not None:
+            queued.result()
         if not path.is_file():
             return None
         try:

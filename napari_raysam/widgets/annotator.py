@@ -564,12 +564,12 @@ class AnnotatorWidget(QWidget):
         committed = self._layer(COMMITTED_LAYER)
         if self._plane_key is None or committed is None:
             return
-        labels = np.asarray(committed.data, np.uint32)
-        try:
-            self.store.save(self._plane_key, labels, source=self._image_layer.name)
-        except OSError as error:
-            self._say(f"could not autosave the annotations ({error.strerror}): free disk space or check {self.store.root}")
-            return
+        labels, root, status = committed.data, self.store.root, self._progress.status
+
+        def failed(error: OSError) -> None:  # on the autosave thread: the signal takes it to the GUI's
+            status.emit(f"could not autosave the annotations ({error.strerror}): free disk space or check {root}")
+
+        self.store.save_in_background(self._plane_key, labels, source=self._image_layer.name, failed=failed)
         self.series.annotations_saved(self._plane_index, bool(labels.any()))
 
     def export(self) -> None:
