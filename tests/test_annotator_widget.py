@@ -220,6 +220,28 @@ def test_a_commit_does_not_wait_for_its_autosave(annotator, qtbot, monkeypatch):
     assert widget.store.load(widget._plane_key, (96, 96))[10, 10] == 1
 
 
+def test_commit_and_undo_show_on_screen_what_a_whole_redraw_shows(annotator, qtbot):
+    """They redraw only the box they changed (a whole redraw of a 10,000 x 10,000 layer stalls napari)."""
+    viewer, widget = annotator
+    image, _ = synthetic_cells(np.random.default_rng(2), shape=(96, 96), n_channels=1, n_cells=3)
+    viewer.add_image(image[0], name="cells", visible=False)
+    embed(qtbot, widget)
+    committed = viewer.layers[COMMITTED_LAYER]
+
+    def screen() -> np.ndarray:
+        return viewer.screenshot(canvas_only=True, flash=False)
+
+    empty = screen()
+    propose_square(widget, np.s_[20:60, 30:70])
+    click(qtbot, widget.commit_button)
+    shown = screen()
+    assert not np.array_equal(shown, empty)
+    committed.refresh()
+    np.testing.assert_array_equal(screen(), shown)
+    click(qtbot, widget.undo_button)
+    np.testing.assert_array_equal(screen(), empty)
+
+
 def test_an_autosave_that_fails_says_what_to_do(annotator, qtbot, monkeypatch):
     viewer, widget = annotator
     image, _ = synthetic_cells(np.random.default_rng(2), shape=(96, 96), n_channels=1, n_cells=3)

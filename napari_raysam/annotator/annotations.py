@@ -166,6 +166,11 @@ class CommitHistory:
         """Whether there is a commit to undo."""
         return bool(self._steps)
 
+    @property
+    def last_box(self) -> tuple[slice, slice] | None:
+        """Rows and columns of the labels that the last commit (the one ``undo`` takes back) wrote in; None without one."""
+        return self._steps[-1].box if self._steps else None
+
     def clear(self) -> None:
         """Forget all commits (when another image is annotated)."""
         self._steps.clear()

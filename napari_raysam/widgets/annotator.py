@@ -503,20 +503,20 @@ class AnnotatorWidget(QWidget):
         except CommitError as error:
             self._say(str(error))
             return
-        committed.refresh()
+        self.layers.redraw(COMMITTED_LAYER, self.history.last_box)
         self.clear_prompts()
-        self._autosave()
+        self._autosave(has_objects=True)
         self._say(f"committed object {ids[0]}" if len(ids) == 1 else f"committed {len(ids)} objects ({ids[0]}–{ids[-1]})")
         self._update_buttons()
 
     def undo(self) -> None:
         """Take back the last commit (one object, or a whole automatic segmentation)."""
-        committed = self._layer(COMMITTED_LAYER)
+        committed, box = self._layer(COMMITTED_LAYER), self.history.last_box
         removed = self.history.undo(committed.data) if committed is not None else []
         if not removed:
             self._say("nothing to undo")
             return
-        committed.refresh()
+        self.layers.redraw(COMMITTED_LAYER, box)
         self._autosave()
         self._say(f"undone: {len(removed)} object{'s' if len(removed) > 1 else ''} removed")
         self._update_buttons()
@@ -552,15 +552,17 @@ class AnnotatorWidget(QWidget):
         except CommitError as error:
             self._say(str(error))
             return
-        committed.refresh()
+        self.layers.redraw(COMMITTED_LAYER, self.history.last_box)
         self.layers.clear(AUTOMATIC_LAYER)
         self._has_automatic = False
-        self._autosave()
+        self._autosave(has_objects=True)
         self._say(f"committed {len(ids)} objects from the automatic segmentation")
         self._update_buttons()
 
     # ------------------------------------------------------------------ saving and export
-    def _autosave(self) -> None:
+    def _autosave(self, has_objects: bool | None = None) -> None:
+        """Save the committed objects in the background; ``has_objects``, when known, spares the series
+        row's count a scan of every pixel (~30 ms at 10,000 x 10,000 on napari's thread)."""
         committed = self._layer(COMMITTED_LAYER)
         if self._plane_key is None or committed is None:
             return
@@ -570,7 +572,7 @@ class AnnotatorWidget(QWidget):
             status.emit(f"could not autosave the annotations ({error.strerror}): free disk space or check {root}")
 
         self.store.save_in_background(self._plane_key, labels, source=self._image_layer.name, failed=failed)
-        self.series.annotations_saved(self._plane_index, bool(labels.any()))
+        self.series.annotations_saved(self._plane_index, bool(labels.any()) if has_objects is None else has_objects)
 
     def export(self) -> None:
         """Write every annotated image (each slice of a stack) of this dock into the dataset, in the

@@ -104,6 +104,23 @@ class AnnotatorLayers:
         layer.data = labels
         layer.translate = self._translate + np.asarray(origin) * self._scale
 
+    def redraw(self, name: str, box: tuple[slice, slice]) -> None:
+        """Show what changed in place inside ``box`` (rows, columns) of the labels layer ``name``.
+
+        A labels layer's ``refresh`` recolours every pixel: ~0.1 s on napari's thread for a 10,000 x
+        10,000 uint32 layer, at every commit. This recolours the box only, as napari's brush does
+        (``Labels.data_setitem``); those are napari's private methods, so where they differ the
+        layer is refreshed whole.
+        """
+        layer = self.get(name)
+        try:
+            if layer.contour == 0:
+                layer._slice.image.view[box] = layer.colormap._data_to_texture(layer.data[box])
+            layer._accumulate_updated_slice(box)
+            layer._partial_labels_refresh()
+        except AttributeError:
+            layer.refresh()
+
     def origin(self, name: str) -> tuple[int, int]:
         """The image pixel (row, column) under pixel (0, 0) of the labels layer ``name`` (:meth:`show`)."""
         offset = (np.asarray(self.get(name).translate[-2:]) - self._translate) / self._scale
