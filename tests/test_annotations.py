@@ -106,6 +106,12 @@ def test_a_failed_background_save_is_reported(tmp_path):
     assert store.load(KEY, (8, 8)) is None
     assert len(errors) == 1 and isinstance(errors[0], OSError)
 
+    def report_fails_too(error):  # e.g. the dock that asked was closed meanwhile
+        raise RuntimeError("wrapped C/C++ object has been deleted")
+
+    store.save_in_background(KEY, np.ones((8, 8), np.uint32), failed=report_fails_too)
+    assert store.load(KEY, (8, 8)) is None  # load never raises
+
 
 # --- commits and undo ---------------------------------------------------------------------------
 

@@ -12,7 +12,7 @@ import threading
 import warnings
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -120,7 +120,7 @@ class AnnotationStore:
         with _QUEUED_LOCK:
             queued = _QUEUED.get(path)
         if queued is not None:
-            queued.result()
+            wait((queued,))  # not result(): what went wrong there was the writer's to report (``failed``)
         if not path.is_file():
             return None
         try:
