@@ -113,6 +113,20 @@ def test_a_failed_background_save_is_reported(tmp_path):
     assert store.load(KEY, (8, 8)) is None  # load never raises
 
 
+def test_a_background_save_that_fails_for_any_reason_is_reported(tmp_path, monkeypatch):
+    """Not only a full disk: whatever stops the write, the person annotating must hear of it."""
+
+    def broken_save(self, key, labels, source=""):
+        raise MemoryError("no room for the copy")
+
+    monkeypatch.setattr(AnnotationStore, "save", broken_save)
+    errors = []
+    store = AnnotationStore(tmp_path)
+    store.save_in_background(KEY, np.ones((8, 8), np.uint32), failed=errors.append)
+    assert store.load(KEY, (8, 8)) is None
+    assert [type(error) for error in errors] == [MemoryError]
+
+
 # --- commits and undo ---------------------------------------------------------------------------
 
 

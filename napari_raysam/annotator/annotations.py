@@ -82,7 +82,7 @@ class AnnotationStore:
         return path
 
     def save_in_background(
-        self, key: str, labels: np.ndarray, source: str = "", failed: Callable[[OSError], None] | None = None,
+        self, key: str, labels: np.ndarray, source: str = "", failed: Callable[[Exception], None] | None = None,
     ) -> None:
         """``save`` on the autosave thread; returns at once. For a 10,000 x 10,000 image the write
         (400 MB, flushed to disk) takes ~0.5-1 s, which on napari's thread froze the viewer at
@@ -92,7 +92,8 @@ class AnnotationStore:
         as the write): a change made to it meanwhile (a commit, the brush) must be followed by another
         save, as the annotator's are. Of several saves of one slice still waiting, only the newest is
         written. ``load`` (any store, any thread) waits for the slice's queued save. ``failed(error)``
-        is called on the autosave thread when the write fails.
+        is called on the autosave thread when the write fails, whatever the reason
+        (a full disk's OSError or anything else: a save that fails unseen loses work).
         """
         path = self.path(key)
 
@@ -102,7 +103,7 @@ class AnnotationStore:
                     return  # a newer save of this slice follows: it writes the labels as they are then
             try:
                 self.save(key, labels, source)
-            except OSError as error:
+            except Exception as error:  # noqa: BLE001 - on this thread no one else would ever see it
                 if failed is not None:
                     failed(error)
 

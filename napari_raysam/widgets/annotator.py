@@ -568,8 +568,9 @@ class AnnotatorWidget(QWidget):
             return
         labels, root, status = committed.data, self.store.root, self._progress.status
 
-        def failed(error: OSError) -> None:  # on the autosave thread: the signal takes it to the GUI's
-            status.emit(f"could not autosave the annotations ({error.strerror}): free disk space or check {root}")
+        def failed(error: Exception) -> None:  # on the autosave thread: the signal takes it to the GUI's
+            reason = getattr(error, "strerror", None) or error
+            status.emit(f"could not autosave the annotations ({reason}): free disk space or check {root}")
 
         self.store.save_in_background(self._plane_key, labels, source=self._image_layer.name, failed=failed)
         self.series.annotations_saved(self._plane_index, bool(labels.any()) if has_objects is None else has_objects)
