@@ -368,7 +368,7 @@ class AnnotatorWidget(QWidget):
         def read_and_embed(progress) -> tuple[PreparedPlane, np.ndarray | None, int]:
             prepared = ready or prepare_plane(channels, index, sam_channels, layer.name)
             saved = store.load(prepared.key, channels.shape)
-            objects = len(np.unique(saved)) - 1 if saved is not None else 0  # seconds for a large image
+            objects = int(np.count_nonzero(np.unique(saved))) if saved is not None else 0  # seconds for a large image
             status.emit("loading cached embeddings…" if session.is_cached(prepared.rgb) else "computing embeddings…")
             session.set_image(prepared.rgb, progress)
             return prepared, saved, objects
@@ -380,14 +380,17 @@ class AnnotatorWidget(QWidget):
     ) -> None:
         """Make ``key``'s plane the annotated one, showing ``saved``, its autosaved labels (None: none)
         holding ``objects`` objects."""
-        self._autosave()
+        previous = self._layer(COMMITTED_LAYER)
+        # one scan of the objects shown until now serves the autosave and the layer (~25 ms at 10,000 x 10,000)
+        showing_objects = previous is not None and bool(previous.data.any())
+        self._autosave(has_objects=showing_objects)
         self._channels, self._plane_index, self._plane_key, self._image_layer = channels, index, key, layer
         self._annotated_key = self.image.key()
         self._images[self._annotated_key] = AnnotatedImage(channels, layer.name, self.image.sam_channels())
         self.history.clear()
         height, width = channels.shape
         committed = saved if saved is not None else np.zeros((height, width), np.uint32)
-        self._ensure_layers(layer, committed)
+        self._ensure_layers(layer, committed, replace=showing_objects or objects > 0)
         self.clear_prompts()
         self.series.plane_switched(index, objects > 0)
 
@@ -434,8 +437,8 @@ class AnnotatorWidget(QWidget):
     def _layer(self, name: str):
         return self.layers.get(name)
 
-    def _ensure_layers(self, image: Image, committed: np.ndarray) -> None:
-        self.layers.ensure(image, committed)
+    def _ensure_layers(self, image: Image, committed: np.ndarray, replace: bool) -> None:
+        self.layers.ensure(image, committed, replace)
         self._has_automatic = False
         self._set_prompt_mode(self._prompt_mode)
 

@@ -82,13 +82,15 @@ class AnnotatorLayers:
                 layer.scale, layer.translate = scale, translate
         self.get(POINTS_LAYER).current_size = max(8, max(image.data.shape[-2:]) // 60)
 
-    def ensure(self, image: Image, committed: np.ndarray) -> None:
+    def ensure(self, image: Image, committed: np.ndarray, replace: bool) -> None:
         """Show ``committed`` ((H, W) uint32, the plane's objects) over ``image``, with no proposed
-        object and no automatic result, and make it paintable. Replaces the committed layer's data
-        only when it changed (a large image's labels take a tenth of a second to show)."""
+        object and no automatic result, and make it paintable. ``replace=False`` says that neither
+        the committed layer nor ``committed`` holds an object (the caller knows without scanning
+        them): a layer of the same shape then stays as it is, since a large image's labels take a
+        tenth of a second to show."""
         self.place(image)
         layer = self.get(COMMITTED_LAYER)
-        if layer.data.shape != committed.shape or layer.data.any() or committed.any():
+        if replace or layer.data.shape != committed.shape:
             layer.data = committed
         layer.editable = True
         self.clear(CURRENT_LAYER)
