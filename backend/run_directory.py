@@ -23,7 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from backend.config import TrainConfig
-from backend.storage import Location, append_line, is_remote, make_folder, storing, upload_folder, write_text
+from backend.storage import (
+    Location, append_line, is_remote, make_folder, plain_reason, storing, upload_folder, write_text,
+)
 
 if TYPE_CHECKING:
     from backend.training import EpochRecord, SamFineTuner
@@ -64,7 +66,7 @@ class RunDirectory:
             write_text(self.path / "config.json", self.config.to_json())
         except Exception as error:  # OSError on a disk; botocore's own errors from an object store
             raise PermissionError(
-                f"cannot write the run directory {self.path}: {getattr(error, 'strerror', None) or error}. "
+                f"cannot write the run directory {self.path}: {plain_reason(error)}. "
                 "Pick a --storage folder or bucket you can write to (on a cluster: storage every node can reach)."
             ) from error
 

@@ -54,11 +54,16 @@ def unreachable_storage(where: str, error: Exception) -> str:
     )
 
 
+def plain_reason(error: BaseException) -> str:
+    """What went wrong, for a person: an OSError's own words ("No space left on device") without its
+    errno and path, any other error's message."""
+    return str(getattr(error, "strerror", None) or error)
+
+
 def refused_write(where: str, what: str, error: Exception) -> str:
     """The plain message for a storage that refused to store part of a run (full, over quota, read-only)."""
-    reason = getattr(error, "strerror", None) or error
     return (
-        f"the storage {where} refused to store {what} ({reason}). Free space there or give write access "
+        f"the storage {where} refused to store {what} ({plain_reason(error)}). Free space there or give write access "
         "back; the dataset and the epochs stored before are intact"
     )
 

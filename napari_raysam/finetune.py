@@ -17,7 +17,7 @@ from pathlib import Path
 from backend.atomic import write_text
 from backend.config import MODES, TrainConfig
 from backend.models import check_source
-from backend.storage import Location, location, make_folder, unreachable_storage
+from backend.storage import Location, location, make_folder, plain_reason, unreachable_storage
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, ExportResult, export_annotations
 from napari_raysam.cluster import Cluster, connect, default_cpus_per_worker, start_local_cluster, state_dir
@@ -175,7 +175,7 @@ def _check_writable(storage: Location) -> None:
         probe.unlink()
     except OSError as error:
         raise PermissionError(
-            f"cannot write to the storage folder {storage} ({error.strerror or error}): choose a folder you can "
+            f"cannot write to the storage folder {storage} ({plain_reason(error)}): choose a folder you can "
             "write to"
         ) from error
     except Exception as error:  # an object store: botocore's connection and credential errors

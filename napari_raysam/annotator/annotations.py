@@ -264,10 +264,15 @@ def _region(labels: np.ndarray, shape: tuple[int, ...], origin: tuple[int, int])
     return slice(top, top + height), slice(left, left + width)
 
 
+def object_count(labels: np.ndarray) -> int:
+    """Distinct non-zero ids in ``labels``. Seconds for a large image (``np.unique``): call it in a worker."""
+    return int(np.count_nonzero(np.unique(labels)))
+
+
 def proposal_message(labels: np.ndarray) -> str:
     """What the status line says about ``labels``, the objects proposed for prompts 1, 2, ... (0 where
     a prompt found nothing). Seconds for a large image (``np.unique``): call it in the worker."""
-    found = len(np.unique(labels[labels > 0]))
+    found = object_count(labels)
     if found <= 1:
         return f"proposed object: {int(np.count_nonzero(labels))} pixels. Commit [C] keeps it; add points to correct it"
     empty = int(labels.max()) - found

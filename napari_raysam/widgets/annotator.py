@@ -36,11 +36,13 @@ from qtpy.QtWidgets import (
 
 from backend.dataset import DatasetError
 from backend.models import ModelError
+from backend.storage import plain_reason
 from napari_raysam.annotator.annotations import (
     AnnotationStore,
     CommitError,
     CommitHistory,
     crop_to_objects,
+    object_count,
     proposal_message,
 )
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, export_annotations
@@ -368,7 +370,7 @@ class AnnotatorWidget(QWidget):
         def read_and_embed(progress) -> tuple[PreparedPlane, np.ndarray | None, int]:
             prepared = ready or prepare_plane(channels, index, sam_channels, layer.name)
             saved = store.load(prepared.key, channels.shape)
-            objects = int(np.count_nonzero(np.unique(saved))) if saved is not None else 0  # seconds for a large image
+            objects = object_count(saved) if saved is not None else 0
             status.emit("loading cached embeddings…" if session.is_cached(prepared.rgb) else "computing embeddings…")
             session.set_image(prepared.rgb, progress)
             return prepared, saved, objects
@@ -534,7 +536,7 @@ class AnnotatorWidget(QWidget):
 
         def segment_all(progress) -> tuple[np.ndarray, int]:
             labels = self.session.automatic_segmentation(progress, **settings)
-            return labels, len(np.unique(labels)) - 1  # counted here: np.unique of a large image takes seconds
+            return labels, object_count(labels)
 
         self._start("automatic segmentation…", segment_all, self._automatic_ready)
 
@@ -572,8 +574,7 @@ class AnnotatorWidget(QWidget):
         labels, root, status = committed.data, self.store.root, self._progress.status
 
         def failed(error: Exception) -> None:  # on the autosave thread: the signal takes it to the GUI's
-            reason = getattr(error, "strerror", None) or error
-            status.emit(f"could not autosave the annotations ({reason}): free disk space or check {root}")
+            status.emit(f"could not autosave the annotations ({plain_reason(error)}): free disk space or check {root}")
 
         self.store.save_in_background(self._plane_key, labels, source=self._image_layer.name, failed=failed)
         self.series.annotations_saved(self._plane_index, bool(labels.any()) if has_objects is None else has_objects)
