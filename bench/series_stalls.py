@@ -2,12 +2,14 @@
 
 Real napari (Xvfb when there is no display) with the docked ``AnnotatorWidget``; a ``QTimer``
 heartbeat every 10 ms on napari's event loop, and the longest gap between two beats is the
-longest stall. Three phases:
+longest stall; each phase also lists Python's full garbage collections that began in it (they hold
+the GIL for as long as they walk the process's objects), and the run lists all of them. After
+opening the dock (its imports included), three phases:
 
 1. **large image**: a 10,000 x 10,000 (``--side``) 4-channel uint16 image is added, first to
    napari alone (before the dock exists, after a small image warmed napari up: napari's own
-   cost), then with the dock open (``add_image`` timed too, the dock's handlers included); then
-   *Compute embeddings* until the dock has read, scaled and hashed the plane and the image encoder
+   cost), then with the dock open (``add_image`` timed too, the dock's handlers included); loading
+   the model, *Compute embeddings* until the dock has read, scaled and hashed the plane and the image encoder
    starts (the first progress report of the tiled embedding), the rest of the embedding, and one
    point prompt answered (the proposal is shown cropped to its bounding box: its shape is printed,
    as large as the image when the random model's mask spreads over it), then one whose answer is
@@ -28,6 +30,7 @@ longest stall. Three phases:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -44,13 +47,36 @@ from common import machine  # noqa: E402
 GOALS_MS = {"stall": 100.0, "next_to_first_answer": 300.0}
 
 
+class FullCollections:
+    """Python's full (generation 2) garbage collections, timed by ``gc.callbacks``: each walks every
+    tracked object holding the GIL, so napari's event loop waits for it too."""
+
+    def __init__(self) -> None:
+        self.spans: list[tuple[float, float]] = []  # (start, end), perf_counter seconds
+        self._start = 0.0
+        gc.callbacks.append(self._record)
+
+    def _record(self, phase: str, info: dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.spans.append((self._start, time.perf_counter()))
+
+    def within(self, start: float, end: float) -> list[float]:
+        """The durations (ms) of the full collections that began between ``start`` and ``end``."""
+        return [round((e - s) * 1000, 1) for s, e in self.spans if start <= s <= end]
+
+
 class EventLoop:
     """napari's event loop with a 10 ms heartbeat: run it until a condition holds, and read the
-    longest gap between beats in that time."""
+    longest gap between beats in that time (and the full garbage collections in it)."""
 
     def __init__(self) -> None:
         from qtpy.QtCore import Qt, QTimer
 
+        self.collections = FullCollections()
         self.beats: list[float] = []
         self._heartbeat = QTimer(interval=10)
         self._heartbeat.setTimerType(Qt.TimerType.PreciseTimer)
@@ -89,7 +115,7 @@ class EventLoop:
         gaps = np.diff(beats) * 1000 if len(beats) > 1 else np.array([0.0])
         return {"max_stall_ms": round(float(gaps.max()), 1), "gaps_over_100ms": int((gaps > 100).sum()),
                 "action_to_done_s": round(times["done"] - times["action"], 3) if "done" in times else None,
-                "timed_out": "done" not in times}
+                "timed_out": "done" not in times, "full_gc_ms": self.collections.within(start, end)}
 
 
 def proposal_shown(widget) -> bool:
@@ -119,7 +145,7 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
 
     figures["open"] = loop.run_until(add, lambda: widget.image.layer_combo.currentText() == "large")
     widget.model_panel.combo.setCurrentText("random:tiny")
-    loop.run_until(widget.load_model, lambda: widget._worker is None)
+    figures["load_model"] = loop.run_until(widget.load_model, lambda: widget._worker is None)
     progress: list[tuple[int, int]] = []
     widget._progress.changed.connect(lambda done, total: progress.append((done, total)))
     # the encoder starts (micro-sam's pbar_init for the tiles) once the plane is read, scaled and hashed
@@ -189,10 +215,11 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
     viewer.add_image(frames, name="HeLa series")
     widget.image.layout_combo.setCurrentIndex(0)  # slices
     widget.model_panel.combo.setCurrentText("random:vit_t")
-    loop.run_until(widget.load_model, lambda: widget._worker is None)
+    figures: dict = {"load_model": loop.run_until(widget.load_model, lambda: widget._worker is None)}
     viewer.dims.set_point(0, 0)
-    loop.run_until(widget.compute_embeddings, lambda: widget._worker is None)
-    figures: dict = {"prompts_while_the_row_works_behind": prompts_behind(widget, loop, labels[0], prompts), "next": []}
+    figures["compute_embeddings"] = loop.run_until(widget.compute_embeddings, lambda: widget._worker is None)
+    figures["prompts_while_the_row_works_behind"] = prompts_behind(widget, loop, labels[0], prompts)
+    figures["next"] = []
     for _ in range(steps):
         loop.run_until(lambda: None, lambda: widget._worker is None and widget.series._worker is None)  # next one ready
         z = widget._plane_index[0] + 1
@@ -232,8 +259,6 @@ def main() -> None:
     os.environ.setdefault("NAPARI_RAYSAM_HOME", tempfile.mkdtemp(prefix="series-stalls-"))
     import napari
 
-    from napari_raysam.widgets.annotator import AnnotatorWidget
-
     print(machine(), flush=True)
     work = Path(os.environ["NAPARI_RAYSAM_HOME"])
     viewer = napari.Viewer(show=True)
@@ -242,14 +267,25 @@ def main() -> None:
     if args.side:
         image = np.random.default_rng(0).integers(0, 4000, (4, args.side, args.side), dtype=np.uint16)
         result["large_image_without_the_dock"] = large_image_without_the_dock(viewer, loop, image)
-    widget = AnnotatorWidget(viewer, cache_dir=work / "cache")
-    viewer.window.add_dock_widget(widget, name="SAM annotator")
+    def open_the_dock() -> None:
+        # imported here, after napari made its OpenGL context, as napari's menu imports it
+        from napari_raysam.widgets.annotator import AnnotatorWidget
+
+        widget = AnnotatorWidget(viewer, cache_dir=work / "cache")
+        viewer.window.add_dock_widget(widget, name="SAM annotator")
+        docks.append(widget)
+
+    docks: list = []
+    result["open_the_dock"] = loop.run_until(open_the_dock, lambda: bool(docks))
+    widget = docks[0]
     if args.side:
         result["large_image"] = large_image(viewer, widget, loop, image)
     print(json.dumps(result, indent=1), flush=True)
     if args.steps:
         result["series"] = series(viewer, widget, loop, args.steps, args.grid, args.prompts)
     result["goals_ms"] = GOALS_MS
+    result["full_gc_ms_whole_run"] = loop.collections.within(0, time.perf_counter())
+    result["objects_tracked_at_the_end"] = len(gc.get_objects())
     print(json.dumps(result, indent=1), flush=True)
     viewer.close()
 

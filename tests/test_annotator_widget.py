@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from qtpy.QtCore import Qt
 from backend.dataset import open_dataset
 from backend.models import load_model, save_model_folder
 from napari_raysam.annotator.annotations import AnnotationStore
+from napari_raysam.llvm_clash import keep_triton_out_if_llvm_is_loaded
 from napari_raysam.widgets import annotator as annotator_module
 from napari_raysam.widgets.annotator import (
     AUTOMATIC_LAYER,
@@ -418,6 +421,39 @@ def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
     frames, masks = (layer for layer in viewer.layers if layer.name.startswith("HeLa"))
     assert frames.data.shape == (20, 700, 1100) and masks.data.max() > 10
     assert widget.image.layer_combo.currentText() == frames.name
+
+
+NAPARI_FIRST = """
+import napari
+
+viewer = napari.Viewer()  # its OpenGL context exists before napari imports the plugin, as in a user's napari
+viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")
+viewer.open_sample("napari-raysam", "hela")
+print("opened", [layer.name for layer in viewer.layers])
+viewer.close()
+"""
+
+
+def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
+    # a fresh process, napari first: with Mesa's LLVM in the process (Xvfb, remote desktops), loading
+    # PyTorch's Triton there killed napari with a segmentation fault, which no in-process test can see
+    done = subprocess.run([sys.executable, "-c", NAPARI_FIRST], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "opened" in done.stdout and "HeLa" in done.stdout
+
+
+def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):
+    monkeypatch.delitem(sys.modules, "triton", raising=False)
+    maps = tmp_path / "maps"
+    maps.write_text("7f00 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libstdc++.so.6\n")
+    assert not keep_triton_out_if_llvm_is_loaded(maps)
+    assert "triton" not in sys.modules
+    maps.write_text("7f00 r-xp 00000000 08:01 2 /usr/lib/x86_64-linux-gnu/libLLVM-15.so.1\n")
+    assert keep_triton_out_if_llvm_is_loaded(maps)
+    with pytest.raises(ImportError):
+        import triton  # noqa: F401
+    assert not keep_triton_out_if_llvm_is_loaded(tmp_path / "no such file")
 
 
 def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
