@@ -33,7 +33,8 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
 
 from backend.config import TrainConfig
 from backend import fast_recipe
-from backend.dataset import Dataset, TrainingCrops, open_dataset
+from backend.dataset import Dataset, open_dataset
+from backend.dataset.crops import TrainingCrops
 from backend.embedding_cache import EmbeddingCache
 from backend.models import LoadedModel, load_model, set_predictor_image
 from backend.run_directory import RunDirectory

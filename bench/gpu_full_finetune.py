@@ -41,7 +41,8 @@ from micro_sam.training.util import ConvertToSamInputs
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from backend.config import TrainConfig
-from backend.dataset import SampleInput, TrainingCrops, open_dataset, write_samples
+from backend.dataset import SampleInput, open_dataset, write_samples
+from backend.dataset.crops import TrainingCrops
 from backend.training import SamFineTuner
 
 _GIB = 1024**3

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from backend.config import TrainConfig
-from backend.dataset import TrainingCrops, open_dataset
+from backend.dataset import open_dataset
+from backend.dataset.crops import TrainingCrops
 from backend.models import build_sam, export_micro_sam_checkpoint, save_model_folder
 from common import hela_dataset, machine, training_samples_per_s
 

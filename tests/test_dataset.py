@@ -19,12 +19,12 @@ import backend.dataset.writing as dataset_writing
 from backend.dataset import (
     DatasetError,
     SampleInput,
-    TrainingCrops,
     open_dataset,
     to_sam_rgb,
     write_embedding,
     write_samples,
 )
+from backend.dataset.crops import TrainingCrops
 from napari_raysam.export import export_files, read_image_file, read_labels_file
 from synthetic import cell_samples, synthetic_cells
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import imageio.v3 as iio
@@ -22,6 +24,14 @@ def write_field(folder: Path, name: str, seed: int, shape=(96, 96), skip: str | 
         if colour != skip:
             iio.imwrite(folder / f"{name}_{colour}.png", plane)
     return image
+
+
+def test_asking_our_reader_about_a_file_does_not_load_pytorch():
+    # napari asks our reader (pattern "*") about every file a user opens, on its own thread: loading
+    # PyTorch there froze napari ~2 s at the first file opened, ours or not
+    check = "import sys, napari_raysam.reader; print(sorted({'torch', 'ray'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr[-2000:]
 
 
 def test_any_one_file_opens_its_field_in_hpa_order_with_the_hpa_sam_mapping(tmp_path):

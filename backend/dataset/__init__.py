@@ -23,10 +23,10 @@ the manifest existed are read by listing ``samples/<digits>``.
 
 Modules: ``samples`` (what a sample is, validated), ``sam_input`` (intensities to SAM's
 input), ``reading`` (``open_dataset``, ``Dataset``), ``writing`` (``write_samples``,
-``write_embedding``), ``crops`` (``TrainingCrops`` for full and LoRA modes).
+``write_embedding``), ``crops`` (``TrainingCrops`` for full and LoRA modes; imported from
+``backend.dataset.crops`` itself, since it loads PyTorch and napari's reader imports this package).
 """
 
-from backend.dataset.crops import TrainingCrops
 from backend.dataset.reading import Dataset, open_dataset
 from backend.dataset.sam_input import to_sam_rgb
 from backend.dataset.samples import (
@@ -44,6 +44,6 @@ from backend.dataset.writing import write_embedding, write_samples
 
 __all__ = [
     "DATASET_FORMAT", "DATASET_VERSION", "EMBEDDING_SHAPE", "SPLITS", "Dataset", "DatasetError", "SampleEmbedding",
-    "SampleInput", "TrainingCrops", "content_sha256", "non_finite_count", "open_dataset", "to_sam_rgb",
+    "SampleInput", "content_sha256", "non_finite_count", "open_dataset", "to_sam_rgb",
     "write_embedding", "write_samples",
 ]
