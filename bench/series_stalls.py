@@ -14,7 +14,8 @@ opening the dock (its imports included), three phases:
    point prompt answered (the proposal is shown cropped to its bounding box: its shape is printed,
    as large as the image when the random model's mask spreads over it), then one whose answer is
    replaced by a cell-sized 60 x 60 square (the display of what a trained model answers), and its
-   Commit (written into the image-sized committed labels, shown, autosaved); ``random:tiny`` there, since only
+   Commit (written into the image-sized committed labels, shown, autosaved), ``--commits`` times at
+   different places; ``random:tiny`` there, since only
    the event loop is measured and a 10,000-pixel vit_t embedding takes many minutes on 2 cores;
 2. **series**: the 20 real HeLa frames (700 x 1100) as one stack, ``random:vit_t``: the first
    frame is embedded, the series row computes the next one's embeddings in the background, then
@@ -133,7 +134,7 @@ def large_image_without_the_dock(viewer, loop: EventLoop, image: np.ndarray) -> 
     return figures
 
 
-def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
+def large_image(viewer, widget, loop: EventLoop, image: np.ndarray, commits: int) -> dict:
     from napari_raysam.widgets.annotator import CURRENT_LAYER, POINTS_LAYER
 
     figures: dict = {}
@@ -162,20 +163,24 @@ def large_image(viewer, widget, loop: EventLoop, image: np.ndarray) -> dict:
     # the display of a cell-sized answer (what a trained model gives), the model's answer replaced
     # by a 60 x 60 square at the point: the crop, not the image, is what napari then copies and draws
     real = widget.session.segment_objects
+    figures["cell_sized_answer_shown"], figures["commits_of_cell_sized_objects"] = [], []
+    for k in range(commits):
+        corner = side // 2 + 100 * k - 30  # a new place each time, inside the image
 
-    def cell_sized(objects, progress=None):
-        labels = np.zeros_like(real(objects, progress))
-        labels[side // 2 - 30:side // 2 + 30, side // 2 - 30:side // 2 + 30] = 1
-        return labels
+        def cell_sized(objects, progress=None, corner=corner):
+            labels = np.zeros((side, side), np.uint8)
+            labels[corner:corner + 60, corner:corner + 60] = 1
+            return labels
 
-    widget.session.segment_objects = cell_sized
-    figures["cell_sized_answer_shown"] = loop.run_until(widget.segment, lambda: proposal_shown(widget))
-    figures["cell_sized_proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
+        widget.session.segment_objects = cell_sized
+        viewer.layers[POINTS_LAYER].data = [[corner + 30, corner + 30]]
+        figures["cell_sized_answer_shown"].append(loop.run_until(widget.segment, lambda: proposal_shown(widget)))
+        figures["cell_sized_proposal_shape"] = list(viewer.layers[CURRENT_LAYER].data.shape)
+        # Commit writes it into the image-sized committed labels, redraws them and autosaves them
+        figures["commits_of_cell_sized_objects"].append(loop.run_until(
+            widget.commit, lambda: widget.status.text().startswith("committed")
+        ))
     widget.session.segment_objects = real
-    # Commit writes it into the image-sized committed labels, redraws them and autosaves them
-    figures["commit_of_the_cell_sized_object"] = loop.run_until(
-        widget.commit, lambda: widget.status.text().startswith("committed")
-    )
     viewer.layers.clear()
     return figures
 
@@ -254,6 +259,7 @@ def main() -> None:
     parser.add_argument("--side", type=int, default=10_000, help="side of the large 4-channel image (0: skip that phase)")
     parser.add_argument("--steps", type=int, default=3, help="how many times Next is pressed (0: skip the series phase)")
     parser.add_argument("--grid", type=int, default=16, help="automatic segmentation's points per side")
+    parser.add_argument("--commits", type=int, default=5, help="cell-sized objects shown and committed on the large image")
     parser.add_argument("--prompts", type=int, default=12, help="prompts on the first frame while the row works behind")
     args = parser.parse_args()
     os.environ.setdefault("NAPARI_RAYSAM_HOME", tempfile.mkdtemp(prefix="series-stalls-"))
@@ -279,7 +285,7 @@ def main() -> None:
     result["open_the_dock"] = loop.run_until(open_the_dock, lambda: bool(docks))
     widget = docks[0]
     if args.side:
-        result["large_image"] = large_image(viewer, widget, loop, image)
+        result["large_image"] = large_image(viewer, widget, loop, image, args.commits)
     print(json.dumps(result, indent=1), flush=True)
     if args.steps:
         result["series"] = series(viewer, widget, loop, args.steps, args.grid, args.prompts)
