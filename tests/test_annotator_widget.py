@@ -445,6 +445,7 @@ def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
 
 def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "triton", raising=False)
+    assert not keep_triton_out_if_llvm_is_loaded(tmp_path / "no such file")  # no /proc (macOS, Windows)
     maps = tmp_path / "maps"
     maps.write_text("7f00 r-xp 00000000 08:01 1 /usr/lib/x86_64-linux-gnu/libstdc++.so.6\n")
     assert not keep_triton_out_if_llvm_is_loaded(maps)
@@ -453,7 +454,6 @@ def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):
     assert keep_triton_out_if_llvm_is_loaded(maps)
     with pytest.raises(ImportError):
         import triton  # noqa: F401
-    assert not keep_triton_out_if_llvm_is_loaded(tmp_path / "no such file")
 
 
 def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
