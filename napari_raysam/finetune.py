@@ -20,7 +20,14 @@ from backend.models import check_source
 from backend.storage import Location, location, make_folder, plain_reason, unreachable_storage
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.annotator.export import AnnotatedImage, EmbeddingSource, ExportResult, export_annotations
-from napari_raysam.cluster import Cluster, connect, default_cpus_per_worker, start_local_cluster, state_dir
+from napari_raysam.cluster import (
+    Cluster,
+    connect,
+    default_cpus_per_worker,
+    running_local_cluster,
+    start_local_cluster,
+    state_dir,
+)
 from napari_raysam.runs import RunClient, RunInfo
 
 SETTINGS_FILE = "finetune_settings.json"
@@ -93,6 +100,15 @@ class FinetuneSettings:
 def open_cluster(address: str, token: str | None = None) -> Cluster:
     """The cluster at ``address``, or the embedded local Ray (started on first use) when it is empty."""
     return connect(address, token) if address.strip() else start_local_cluster()
+
+
+def running_cluster(address: str, token: str | None = None) -> Cluster | None:
+    """The cluster at ``address``; for an empty one the embedded local Ray if it runs, else None.
+
+    What the fine-tune dock connects to when it opens: looking at the dock starts nothing (the
+    embedded cluster outlives napari, for its runs' sake); the first fine-tune starts it.
+    """
+    return connect(address, token) if address.strip() else running_local_cluster()
 
 
 @dataclass(frozen=True)

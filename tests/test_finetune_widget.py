@@ -201,14 +201,27 @@ def test_closing_and_reopening_the_dock_finds_the_run(docks, qtbot, tmp_path):
     assert wait_until_ended(qtbot, reopened) == RunState.STOPPED
 
 
-def test_nothing_annotated_is_said_plainly(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_TOKEN", ray_cluster.token)
-    write_settings(tmp_path, ray_cluster, base_model="random:tiny")
+def test_opening_the_dock_starts_no_cluster_the_first_fine_tune_does(make_napari_viewer, qtbot, tmp_path, ray_cluster,
+                                                                      monkeypatch):
+    """The embedded Ray outlives napari (its runs do): a user who only looks at the dock must not be left
+    with one running. Nothing annotated then says so plainly."""
+    starts = []
+
+    def start_local_cluster():  # stands in for starting one: the session's cluster
+        starts.append(1)
+        return ray_cluster
+
+    monkeypatch.setattr("napari_raysam.finetune.start_local_cluster", start_local_cluster)
+    write_settings(tmp_path, ray_cluster, address="", base_model="random:tiny")
     viewer = make_napari_viewer(show=True)
     _, dock = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")  # what `napari -w` opens
     assert isinstance(dock, FinetuneWidget)
-    qtbot.waitUntil(lambda: dock.client is not None, timeout=120_000)
-    click(qtbot, dock.finetune_button)  # opens the annotator too: the dock works through it
     qtbot.waitUntil(lambda: dock._task is None, timeout=60_000)
+    assert dock.client is None and not starts and clusters.running_local_cluster() is None
+    assert "starts with the first fine-tune" in dock.status.text()
+    click(qtbot, dock.finetune_button)  # opens the annotator too: the dock works through it
+    assert "starting the local Ray cluster" in dock.status.text()
+    qtbot.waitUntil(lambda: dock._task is None, timeout=60_000)
+    assert starts == [1]
     assert "no committed objects" in dock.status.text()
     assert isinstance(dock.annotator(), AnnotatorWidget)

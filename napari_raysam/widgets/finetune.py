@@ -34,7 +34,7 @@ from backend.config import ConfigError
 from backend.dataset import DatasetError
 from backend.models import ModelError
 from napari_raysam.cluster import ClusterError
-from napari_raysam.finetune import FinetuneError, FinetuneSettings, Submission, open_cluster, submit_finetune
+from napari_raysam.finetune import FinetuneError, FinetuneSettings, Submission, running_cluster, submit_finetune
 from napari_raysam.runs import RunClient, RunError, RunRecord, RunState, RunUpdate, run_history
 from napari_raysam.runs.progress import progress_fraction, progress_text, summary_text
 from napari_raysam.widgets.annotator import AnnotatorWidget, annotator_for
@@ -220,8 +220,9 @@ class FinetuneWidget(QWidget):
         annotator = self.annotator()
         images, model, embeddings = annotator.annotated_images(), annotator.model_source, annotator.embedding_source()
         token, cluster = self.form.token(), self.client.cluster if self._same_cluster(settings) else None
+        starting = cluster is None and not settings.address.strip()
         self._run_task(
-            "exporting the annotations and submitting…",
+            ("starting the local Ray cluster, " if starting else "") + "exporting the annotations and submitting…",
             lambda: submit_finetune(settings, images, annotator.store, annotator_model=model, embeddings=embeddings,
                                     token=token, cluster=cluster),
             self._submitted,
@@ -271,8 +272,9 @@ class FinetuneWidget(QWidget):
         self._run_task(f"resuming run {name}…", lambda: client.resume(name), lambda run: self.follow(run.name))
 
     def _connect_and_reconnect(self) -> None:
-        """Connect in the background (starting the local Ray, so a click later is quick), show the
-        history, and follow this project's newest run that is still going (napari was closed meanwhile)."""
+        """Connect in the background to the cluster if it runs (the embedded one is not started
+        here: it starts on the first fine-tune), show the history, and follow this project's
+        newest run that is still going (napari was closed meanwhile)."""
         try:
             settings = self.current_settings()
         except FinetuneError:
@@ -280,12 +282,18 @@ class FinetuneWidget(QWidget):
         token = self.form.token()
 
         def connect():
-            client = RunClient(open_cluster(settings.address, token))
+            cluster = running_cluster(settings.address, token)
+            if cluster is None:
+                return None, None
+            client = RunClient(cluster)
             going = [run for run in client.runs() if not run.state.ended]
             return client, going[0].name if going else None
 
         def connected(result) -> None:
             self.client, running = result
+            if self.client is None:
+                self._say("the local Ray cluster starts with the first fine-tune (it takes a few seconds)")
+                return
             self._client_address = settings.address
             self._say(f"connected to {self.client.cluster.dashboard_url}")
             if running is not None and self._follower is None:
