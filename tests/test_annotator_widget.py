@@ -18,6 +18,7 @@ from qtpy.QtCore import Qt
 
 from backend.dataset import open_dataset
 from backend.models import load_model, save_model_folder
+from napari_raysam import cluster as clusters
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.llvm_clash import keep_triton_out_if_llvm_is_loaded
 from napari_raysam.widgets import annotator as annotator_module
@@ -424,13 +425,19 @@ def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
 
 
 NAPARI_FIRST = """
+import time
+
 import napari
+from qtpy.QtWidgets import QApplication
 
 viewer = napari.Viewer()  # its OpenGL context exists before napari imports the plugin, as in a user's napari
-import napari_raysam.widgets.finetune  # what the Fine-tune menu imports (the dock itself would start the embedded Ray)
+_, finetune = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")
 viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
 viewer.open_sample("napari-raysam", "hela")
-print("opened", [layer.name for layer in viewer.layers])
+while finetune._task is not None:  # its look for a running cluster
+    QApplication.processEvents()
+    time.sleep(0.05)
+print("opened", [layer.name for layer in viewer.layers], finetune.status.text())
 viewer.close()
 """
 
@@ -441,6 +448,8 @@ def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
     done = subprocess.run([sys.executable, "-c", NAPARI_FIRST], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "opened" in done.stdout and "HeLa" in done.stdout
+    assert "starts with the first fine-tune" in done.stdout  # and none was started
+    assert clusters.running_local_cluster() is None
 
 
 def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):
