@@ -22,6 +22,7 @@ from napari_raysam import cluster as clusters
 from napari_raysam.annotator.annotations import AnnotationStore
 from napari_raysam.llvm_clash import keep_triton_out_if_llvm_is_loaded
 from napari_raysam.widgets import annotator as annotator_module
+from napari_raysam.widgets.dock import LoadingDock
 from napari_raysam.widgets.annotator import (
     AUTOMATIC_LAYER,
     BOXES_LAYER,
@@ -29,6 +30,7 @@ from napari_raysam.widgets.annotator import (
     CURRENT_LAYER,
     POINTS_LAYER,
     AnnotatorWidget,
+    annotator_for,
 )
 from synthetic import synthetic_cells
 
@@ -416,35 +418,52 @@ def test_plugin_manifest_widget_and_sample_data(make_napari_viewer):
     manifest = npe2.PluginManifest.from_distribution("napari-raysam")
     assert manifest == npe2.PluginManifest.from_file(Path(__file__).parents[1] / "napari.yaml")
     viewer = make_napari_viewer()
-    dock, widget = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
-    assert isinstance(widget, AnnotatorWidget)
+    dock, loading = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+    widget = loading.widget  # built at once: its module is imported already
+    assert isinstance(widget, AnnotatorWidget) and annotator_for(viewer) is widget
     viewer.open_sample("napari-raysam", "hela")
     frames, masks = (layer for layer in viewer.layers if layer.name.startswith("HeLa"))
     assert frames.data.shape == (20, 700, 1100) and masks.data.max() > 10
     assert widget.image.layer_combo.currentText() == frames.name
 
 
+def test_a_dock_that_cannot_load_says_what_to_do(make_napari_viewer, qtbot):
+    dock = LoadingDock(make_napari_viewer(), "napari_raysam.no_such_module", "AnnotatorWidget")
+    qtbot.waitUntil(lambda: "reinstall napari-raysam" in dock._message.text())
+    assert "No module named 'napari_raysam.no_such_module'" in dock._message.text() and dock.widget is None
+
+
 NAPARI_FIRST = """
+import sys
 import time
 
 import napari
 from qtpy.QtWidgets import QApplication
 
+
+def wait_until(condition):
+    while not condition():
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
 viewer = napari.Viewer()  # its OpenGL context exists before napari imports the plugin, as in a user's napari
 _, finetune = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")
-viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+assert finetune.widget is None, "the dock was built on napari's thread"  # its module loads in the background
+wait_until(lambda: finetune.widget is not None)
+_, annotator = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+assert annotator.widget is not None  # its module came with the fine-tune dock's: built at once
 viewer.open_sample("napari-raysam", "hela")
-while finetune._task is not None:  # its look for a running cluster
-    QApplication.processEvents()
-    time.sleep(0.05)
-print("opened", [layer.name for layer in viewer.layers], finetune.status.text())
+wait_until(lambda: finetune.widget._task is None)  # its look for a running cluster
+print("opened", [layer.name for layer in viewer.layers], finetune.widget.status.text())
 viewer.close()
 """
 
 
 def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
-    # a fresh process, napari first: with Mesa's LLVM in the process (Xvfb, remote desktops), loading
-    # PyTorch's Triton there killed napari with a segmentation fault, which no in-process test can see
+    # a fresh process, napari first, as a user opens the docks: their modules (PyTorch) load in the
+    # background. With Mesa's LLVM in the process (Xvfb, remote desktops), loading PyTorch's Triton
+    # there killed napari with a segmentation fault, which no in-process test can see.
     done = subprocess.run([sys.executable, "-c", NAPARI_FIRST], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "opened" in done.stdout and "HeLa" in done.stdout

@@ -214,7 +214,8 @@ def test_opening_the_dock_starts_no_cluster_the_first_fine_tune_does(make_napari
     monkeypatch.setattr("napari_raysam.finetune.start_local_cluster", start_local_cluster)
     write_settings(tmp_path, ray_cluster, address="", base_model="random:tiny")
     viewer = make_napari_viewer(show=True)
-    _, dock = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")  # what `napari -w` opens
+    _, loading = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")  # what `napari -w` opens
+    dock = loading.widget
     assert isinstance(dock, FinetuneWidget)
     qtbot.waitUntil(lambda: dock._task is None, timeout=60_000)
     assert dock.client is None and not starts and clusters.running_local_cluster() is None

@@ -95,7 +95,12 @@ _ANNOTATORS: weakref.WeakValueDictionary[int, AnnotatorWidget] = weakref.WeakVal
 
 def annotator_for(viewer: napari.viewer.Viewer) -> AnnotatorWidget | None:
     """The annotator dock open in ``viewer``, if any (the fine-tune dock works through it)."""
-    return _ANNOTATORS.get(id(viewer))
+    return _ANNOTATORS.get(_viewer_key(viewer))
+
+
+def _viewer_key(viewer: napari.viewer.Viewer) -> int:
+    # napari gives each dock its own proxy of the viewer (PublicOnlyProxy): key by the viewer itself
+    return id(getattr(viewer, "__wrapped__", viewer))
 
 
 class AnnotatorWidget(QWidget):
@@ -142,7 +147,7 @@ class AnnotatorWidget(QWidget):
         self._refresh_image_choices()
         self._place_layers()
         self._update_buttons()
-        _ANNOTATORS[id(napari_viewer)] = self
+        _ANNOTATORS[_viewer_key(napari_viewer)] = self
 
     # ------------------------------------------------------------------ public API
     @property

@@ -184,7 +184,9 @@ class FinetuneWidget(QWidget):
         """The SAM annotator of this viewer, opened when it is not."""
         annotator = annotator_for(self.viewer)
         if annotator is None:
-            _, annotator = self.viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+            # built at once, not in the background: this dock's module imported the annotator's
+            self.viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+            annotator = annotator_for(self.viewer)
             annotator.model_changed.connect(self._show_annotator_model)
         return annotator
 

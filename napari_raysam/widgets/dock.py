@@ -1,0 +1,109 @@
+"""The docks as napari's Plugins menu opens them: without freezing napari while PyTorch loads.
+
+napari imports a dock's module on its GUI thread when the user opens the dock; ours bring in
+PyTorch, segment-anything and micro-sam, which held napari frozen for ~5 s (2-core machine).
+The manifest therefore names these light classes: each is a :class:`LoadingDock` that
+imports the dock's module in a worker thread, shows a busy bar meanwhile and then holds the real
+dock (:attr:`LoadingDock.widget`). Where the module is already imported (the other dock brought
+it in, or a script did), the real dock is built at once.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import sys
+from types import ModuleType
+
+import napari
+from qtpy.QtWidgets import QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
+
+from napari_raysam.widgets.tasks import failure_message, start_task
+
+_EXPANDING = (QSizePolicy.Policy.Expanding, QSizePolicy.Policy.MinimumExpanding, QSizePolicy.Policy.Ignored)
+
+
+def import_without_collections(module: str) -> ModuleType:
+    """``importlib.import_module(module)`` with Python's cyclic garbage collector paused meanwhile.
+
+    Importing PyTorch and micro-sam creates ~600k long-lived objects; the growth set off six full
+    collections (0.2-0.5 s each, every thread held) while they loaded. Imports make little cyclic
+    garbage, so pausing costs no memory worth naming; the one collection after is napari's or Python's.
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return importlib.import_module(module)
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _wants_height(widget: QWidget) -> bool:
+    """napari's rule for a dock's widget (``QtViewerDockWidget._maybe_add_vertical_stretch``): it fills the
+    dock's height when it or one of its layout's widgets has an expanding vertical size policy."""
+    layout = widget.layout()
+    parts = [widget] + ([layout.itemAt(i).widget() for i in range(layout.count())] if layout is not None else [])
+    return any(part is not None and part.sizePolicy().verticalPolicy() in _EXPANDING for part in parts)
+
+
+class LoadingDock(QWidget):
+    """Holds ``module.class_name(viewer)`` once ``module`` is imported (in a worker when it is not yet)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, module: str, class_name: str) -> None:
+        super().__init__()
+        self.viewer, self._class_name = viewer, class_name
+        self.widget: QWidget | None = None
+        self._placeholder: QWidget | None = None
+        self._layout = QVBoxLayout(self)
+        self._layout.setContentsMargins(0, 0, 0, 0)
+        if module in sys.modules:
+            self._build(sys.modules[module])
+            return
+        # as wide as our docks ask to be (~500 px): napari sizes the dock for the placeholder, and
+        # keeps that width when the real widget takes its place
+        self._placeholder = QWidget(minimumWidth=500)
+        placeholder = QVBoxLayout(self._placeholder)
+        self._message = QLabel("Loading PyTorch and Segment Anything, once per napari session; "
+                               "napari stays usable meanwhile.", wordWrap=True)
+        self._busy = QProgressBar(minimum=0, maximum=0, textVisible=False)  # no known length: a busy bar
+        placeholder.addWidget(self._message)
+        placeholder.addWidget(self._busy)
+        placeholder.addStretch(1)
+        self._layout.addWidget(self._placeholder)
+        self._importing = start_task(import_without_collections, module, done=self._build, failed=self._failed)
+
+    def _build(self, module) -> None:
+        self._importing = None
+        while self._layout.count():  # the placeholder, and the stretch napari put under it
+            placeholder = self._layout.takeAt(0).widget()
+            if placeholder is not None:
+                placeholder.deleteLater()
+        self._placeholder = None
+        self.widget = getattr(module, self._class_name)(self.viewer)
+        self._layout.addWidget(self.widget)
+        if not _wants_height(self.widget):  # then napari would have put a stretch under it
+            self._layout.addStretch(1)
+
+    def _failed(self, error: Exception) -> None:
+        self._importing = None
+        self._busy.hide()
+        message = failure_message(error, (ImportError, OSError), "loading the dock")
+        if isinstance(error, (ImportError, OSError)):
+            message = (f"could not load PyTorch or Segment Anything ({message}): reinstall napari-raysam "
+                       "(bash scripts/setup.sh) and restart napari")
+        self._message.setText(message)
+
+
+class AnnotatorDock(LoadingDock):
+    """The "SAM annotator" dock (:class:`napari_raysam.widgets.annotator.AnnotatorWidget`)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, "napari_raysam.widgets.annotator", "AnnotatorWidget")
+
+
+class FinetuneDock(LoadingDock):
+    """The "Fine-tune" dock (:class:`napari_raysam.widgets.finetune.FinetuneWidget`)."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, "napari_raysam.widgets.finetune", "FinetuneWidget")
