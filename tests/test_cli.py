@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -24,6 +26,14 @@ def write_pairs(folder, n, channels=4):
         tifffile.imwrite(images[-1], image)
         tifffile.imwrite(labels[-1], label)
     return images, labels
+
+
+def test_help_answers_without_loading_pytorch():
+    # scripts and cluster admins call the command line often: its help took 4.9 s here, mostly PyTorch
+    check = ("import sys\nfrom napari_raysam.cli import build_parser\nbuild_parser().format_help()\n"
+             "print('torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
 
 
 def test_export_then_append_hpa_style_images(tmp_path, capsys):

@@ -18,25 +18,35 @@ checkpoint that needs arbitrary Python objects is refused before any of its code
 Modules: ``building`` (model types, random and tiny SAMs, ``LoadedModel``), ``checkpoints``
 (reading weight files), ``sources`` (``load_model`` from any source), ``saving`` (model
 folders, LoRA merged, micro-sam's ``.pt``).
+
+The names below load their module (and with it PyTorch) when first used (PEP 562), so the command
+line and the docks can name ``ModelError`` without loading PyTorch: ``napari-raysam --help`` took 4.9 s.
 """
 
-from backend.models.building import (
-    MODEL_TYPES,
-    RANDOM_PREFIX,
-    TRAINING_MODES,
-    LoadedModel,
-    ModelError,
-    build_instance_decoder,
-    build_sam,
-    set_predictor_image,
-    state_fingerprint,
-)
-from backend.models.checkpoints import META_FILE, WEIGHTS_FILE
-from backend.models.saving import export_micro_sam_checkpoint, merged_state_dict, save_model_folder
-from backend.models.sources import check_source, load_model, zoo_model_names
+from __future__ import annotations
 
-__all__ = [
-    "META_FILE", "MODEL_TYPES", "RANDOM_PREFIX", "TRAINING_MODES", "WEIGHTS_FILE", "LoadedModel", "ModelError",
-    "build_instance_decoder", "build_sam", "check_source", "export_micro_sam_checkpoint", "load_model", "merged_state_dict",
-    "save_model_folder", "set_predictor_image", "state_fingerprint", "zoo_model_names",
-]
+import importlib
+
+from backend.models.errors import ModelError
+
+_MODULE_OF = {
+    **dict.fromkeys(("MODEL_TYPES", "RANDOM_PREFIX", "TRAINING_MODES", "LoadedModel", "build_instance_decoder",
+                     "build_sam", "set_predictor_image", "state_fingerprint"), "building"),
+    **dict.fromkeys(("META_FILE", "WEIGHTS_FILE"), "checkpoints"),
+    **dict.fromkeys(("export_micro_sam_checkpoint", "merged_state_dict", "save_model_folder"), "saving"),
+    **dict.fromkeys(("check_source", "load_model", "zoo_model_names"), "sources"),
+}
+
+__all__ = ["ModelError", *_MODULE_OF]
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'backend.models' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"backend.models.{_MODULE_OF[name]}"), name)
+    globals()[name] = value  # once loaded, a plain module attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_MODULE_OF})

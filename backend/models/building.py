@@ -16,6 +16,7 @@ from segment_anything import SamPredictor, sam_model_registry
 from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
 from backend.models.attention import chunk_global_attention
+from backend.models.errors import ModelError
 
 
 MODEL_TYPES: tuple[str, ...] = ("vit_t", "vit_b", "vit_l", "vit_h", "tiny")
@@ -40,10 +41,6 @@ _TINY_VIT_PATCH_KEY = "image_encoder.patch_embed.seq.0.c.weight"
 
 
 _VIT_PATCH_KEY = "image_encoder.patch_embed.proj.weight"
-
-
-class ModelError(ValueError):
-    """A model cannot be built, loaded, saved or exported; the message says what to do."""
 
 
 @dataclasses.dataclass(frozen=True)
