@@ -226,3 +226,18 @@ def test_opening_the_dock_starts_no_cluster_the_first_fine_tune_does(make_napari
     assert starts == [1]
     assert "no committed objects" in dock.status.text()
     assert isinstance(dock.annotator(), AnnotatorWidget)
+
+
+def test_an_annotator_opened_after_the_dock_is_followed(make_napari_viewer, qtbot, tmp_path, ray_cluster):
+    """`napari -w napari-raysam` loads both docks in the background: the annotator may come second."""
+    write_settings(tmp_path, ray_cluster)
+    viewer = make_napari_viewer(show=True)
+    dock = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Fine-tune")
+    annotator = AnnotatorWidget(viewer, cache_dir=tmp_path / "cache")
+    viewer.window.add_dock_widget(annotator, name="SAM annotator")
+    annotator.model_panel.combo.setCurrentText("random:tiny")
+    click(qtbot, annotator.model_panel.load_button)
+    qtbot.waitUntil(lambda: "random:tiny" in dock.form.model_edit.placeholderText(), timeout=120_000)
+    assert dock.annotator() is annotator
+

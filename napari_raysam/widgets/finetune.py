@@ -66,11 +66,11 @@ class FinetuneWidget(QWidget):
         self._client_address: str | None = None  # the address self.client was connected with
         self._build_ui(FinetuneSettings.load())
         self._clock = QTimer(self, interval=1000)
+        self._watched: AnnotatorWidget | None = None  # the annotator whose model this dock shows
         self._clock.timeout.connect(self._show_progress)
+        self._clock.timeout.connect(self._watch_annotator)
         self._clock.start()
-        annotator = annotator_for(napari_viewer)
-        if annotator is not None:
-            annotator.model_changed.connect(self._show_annotator_model)
+        self._watch_annotator()
         self._connect_and_reconnect()
 
     # ------------------------------------------------------------------ UI
@@ -187,8 +187,18 @@ class FinetuneWidget(QWidget):
             # built at once, not in the background: this dock's module imported the annotator's
             self.viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
             annotator = annotator_for(self.viewer)
+        if annotator is not self._watched:
             annotator.model_changed.connect(self._show_annotator_model)
+            self._watched = annotator
+            if annotator.model_source is not None:
+                self._show_annotator_model(annotator.model_source)
         return annotator
+
+    def _watch_annotator(self) -> None:
+        """Show the model of an annotator that opened after this dock too (napari -w opens both docks,
+        each loading in the background)."""
+        if annotator_for(self.viewer) not in (None, self._watched):
+            self.annotator()
 
     # ------------------------------------------------------------------ workers
     def _run_task(self, message: str, task, done) -> None:
