@@ -16,6 +16,7 @@ import sys
 from types import ModuleType
 
 import napari
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
 from napari_raysam.widgets.tasks import failure_message, start_task
@@ -24,19 +25,24 @@ _EXPANDING = (QSizePolicy.Policy.Expanding, QSizePolicy.Policy.MinimumExpanding,
 
 
 def import_without_collections(module: str) -> ModuleType:
-    """``importlib.import_module(module)`` with Python's cyclic garbage collector paused meanwhile.
+    """``importlib.import_module(module)`` with Python's cyclic garbage collector paused meanwhile,
+    and one full collection after it, here, before the dock is built.
 
-    Importing PyTorch and micro-sam creates ~600k long-lived objects; the growth set off six full
-    collections (0.2-0.5 s each, every thread held) while they loaded. Imports make little cyclic
-    garbage, so pausing costs no memory worth naming; the one collection after is napari's or Python's.
+    Importing PyTorch and micro-sam creates ~600k long-lived objects. With the collector on, the
+    heap's growth set off six full collections (0.2-0.5 s each, every thread held) during the
+    import; paused, the pile of new objects was walked three times later (a young collection, a
+    middle and a full one, 0.4-0.7 s each), two of them while napari built the dock. One full
+    collection here moves them all to the oldest generation at once.
     """
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return importlib.import_module(module)
+        imported = importlib.import_module(module)
     finally:
         if enabled:
             gc.enable()
+    gc.collect()
+    return imported
 
 
 def _wants_height(widget: QWidget) -> bool:
@@ -71,7 +77,10 @@ class LoadingDock(QWidget):
         placeholder.addWidget(self._busy)
         placeholder.addStretch(1)
         self._layout.addWidget(self._placeholder)
-        self._importing = start_task(import_without_collections, module, done=self._build, failed=self._failed)
+        # built from a timer, not straight from the worker's result: napari gets a turn to draw and
+        # answer between the import's last collection and the build, two pauses not one
+        self._importing = start_task(import_without_collections, module, failed=self._failed,
+                                     done=lambda imported: QTimer.singleShot(0, lambda: self._build(imported)))
 
     def _build(self, module) -> None:
         self._importing = None
