@@ -471,6 +471,24 @@ def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
     assert clusters.running_local_cluster() is None
 
 
+CLOSED_WHILE_LOADING = """
+import napari
+
+viewer = napari.Viewer()
+_, dock = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+assert dock.widget is None  # still loading PyTorch
+viewer.close()
+print("closed")
+"""
+
+
+def test_closing_napari_while_a_dock_loads_exits_cleanly():
+    # the import ran in napari's thread pool at first: Python's teardown under it aborted the process
+    done = subprocess.run([sys.executable, "-c", CLOSED_WHILE_LOADING], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-3000:]
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
 def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "triton", raising=False)
     assert not keep_triton_out_if_llvm_is_loaded(tmp_path / "no such file")  # no /proc (macOS, Windows)

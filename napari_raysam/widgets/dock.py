@@ -10,16 +10,18 @@ it in, or a script did), the real dock is built at once.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import sys
+import threading
 from types import ModuleType
 
 import napari
-from qtpy.QtCore import QTimer
+from qtpy.QtCore import QTimer, Signal
 from qtpy.QtWidgets import QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidget
 
-from napari_raysam.widgets.tasks import failure_message, start_task
+from napari_raysam.widgets.tasks import failure_message
 
 _EXPANDING = (QSizePolicy.Policy.Expanding, QSizePolicy.Policy.MinimumExpanding, QSizePolicy.Policy.Ignored)
 
@@ -54,13 +56,14 @@ def _wants_height(widget: QWidget) -> bool:
 
 
 class LoadingDock(QWidget):
-    """Holds ``module.class_name(viewer)`` once ``module`` is imported (in a worker when it is not yet)."""
+    """Holds ``module.class_name(viewer)`` once ``module`` is imported (in a thread when it is not yet)."""
+
+    _imported = Signal(object)  # the module, or the import's exception
 
     def __init__(self, viewer: napari.viewer.Viewer, module: str, class_name: str) -> None:
         super().__init__()
         self.viewer, self._class_name = viewer, class_name
         self.widget: QWidget | None = None
-        self._placeholder: QWidget | None = None
         self._layout = QVBoxLayout(self)
         self._layout.setContentsMargins(0, 0, 0, 0)
         if module in sys.modules:
@@ -68,34 +71,45 @@ class LoadingDock(QWidget):
             return
         # as wide as our docks ask to be (~500 px): napari sizes the dock for the placeholder, and
         # keeps that width when the real widget takes its place
-        self._placeholder = QWidget(minimumWidth=500)
-        placeholder = QVBoxLayout(self._placeholder)
+        placeholder = QWidget(minimumWidth=500)
+        column = QVBoxLayout(placeholder)
         self._message = QLabel("Loading PyTorch and Segment Anything, once per napari session; "
                                "napari stays usable meanwhile.", wordWrap=True)
         self._busy = QProgressBar(minimum=0, maximum=0, textVisible=False)  # no known length: a busy bar
-        placeholder.addWidget(self._message)
-        placeholder.addWidget(self._busy)
-        placeholder.addStretch(1)
-        self._layout.addWidget(self._placeholder)
-        # built from a timer, not straight from the worker's result: napari gets a turn to draw and
-        # answer between the import's last collection and the build, two pauses not one
-        self._importing = start_task(import_without_collections, module, failed=self._failed,
-                                     done=lambda imported: QTimer.singleShot(0, lambda: self._build(imported)))
+        column.addWidget(self._message)
+        column.addWidget(self._busy)
+        column.addStretch(1)
+        self._layout.addWidget(placeholder)
+        # A Python thread, not napari's thread pool: Python waits for it when napari closes meanwhile,
+        # where tearing down under a pool worker aborted the process.
+        self._imported.connect(self._on_imported)
+        threading.Thread(target=self._import, args=(module,), name=f"import {module}").start()
 
-    def _build(self, module) -> None:
-        self._importing = None
+    def _import(self, module: str) -> None:  # in the import thread
+        try:
+            result = import_without_collections(module)
+        except Exception as error:  # noqa: BLE001 - shown in the dock
+            result = error
+        with contextlib.suppress(RuntimeError):  # the dock was closed meanwhile
+            self._imported.emit(result)
+
+    def _on_imported(self, result: ModuleType | Exception) -> None:
+        if isinstance(result, Exception):
+            self._failed(result)
+        else:  # built on napari's next turn: it draws and answers between the import's collection and the build
+            QTimer.singleShot(0, lambda: self._build(result))
+
+    def _build(self, module: ModuleType) -> None:
         while self._layout.count():  # the placeholder, and the stretch napari put under it
             placeholder = self._layout.takeAt(0).widget()
             if placeholder is not None:
                 placeholder.deleteLater()
-        self._placeholder = None
         self.widget = getattr(module, self._class_name)(self.viewer)
         self._layout.addWidget(self.widget)
         if not _wants_height(self.widget):  # then napari would have put a stretch under it
             self._layout.addStretch(1)
 
     def _failed(self, error: Exception) -> None:
-        self._importing = None
         self._busy.hide()
         message = failure_message(error, (ImportError, OSError), "loading the dock")
         if isinstance(error, (ImportError, OSError)):
