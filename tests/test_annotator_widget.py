@@ -433,6 +433,13 @@ def test_a_dock_that_cannot_load_says_what_to_do(make_napari_viewer, qtbot):
     assert "No module named 'napari_raysam.no_such_module'" in dock._message.text() and dock.widget is None
 
 
+def run_napari_script(script: str) -> str:
+    """Run ``script`` in a fresh Python, as a user's napari starts; it must exit cleanly. Returns its stdout."""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    return done.stdout
+
+
 NAPARI_FIRST = """
 import sys
 import time
@@ -464,10 +471,9 @@ def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
     # a fresh process, napari first, as a user opens the docks: their modules (PyTorch) load in the
     # background. With Mesa's LLVM in the process (Xvfb, remote desktops), loading PyTorch's Triton
     # there killed napari with a segmentation fault, which no in-process test can see.
-    done = subprocess.run([sys.executable, "-c", NAPARI_FIRST], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "opened" in done.stdout and "HeLa" in done.stdout
-    assert "starts with the first fine-tune" in done.stdout  # and none was started
+    stdout = run_napari_script(NAPARI_FIRST)
+    assert "opened" in stdout and "HeLa" in stdout
+    assert "starts with the first fine-tune" in stdout  # and none was started
     assert clusters.running_local_cluster() is None
 
 
@@ -484,9 +490,38 @@ print("closed")
 
 def test_closing_napari_while_a_dock_loads_exits_cleanly():
     # the import ran in napari's thread pool at first: Python's teardown under it aborted the process
-    done = subprocess.run([sys.executable, "-c", CLOSED_WHILE_LOADING], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0 and "closed" in done.stdout, done.stderr[-3000:]
-    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "closed" in run_napari_script(CLOSED_WHILE_LOADING)
+
+
+CLOSED_WHILE_EMBEDDING = """
+import time
+
+import napari
+from qtpy.QtWidgets import QApplication
+
+import napari_raysam.widgets.annotator  # the dock is built at once
+
+viewer = napari.Viewer()
+annotator = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")[1].widget
+viewer.open_sample("napari-raysam", "hela")
+annotator.model_panel.combo.setCurrentText("random:vit_t")
+annotator.model_panel.load_button.click()
+while annotator.busy or annotator.model_source is None:
+    QApplication.processEvents()
+    time.sleep(0.02)
+annotator.embed_button.click()  # ~2 s of vit_t's image encoder on a HeLa frame
+for _ in range(10):
+    QApplication.processEvents()
+    time.sleep(0.02)
+assert annotator.busy
+viewer.close()
+print("closed")
+"""
+
+
+def test_closing_napari_while_embeddings_are_computed_exits_cleanly():
+    # Python's teardown under the running worker crashed the process (segmentation fault) after napari closed
+    assert "closed" in run_napari_script(CLOSED_WHILE_EMBEDDING)
 
 
 def test_triton_is_kept_out_only_where_llvm_is_loaded(monkeypatch, tmp_path):

@@ -64,7 +64,7 @@ from napari_raysam.widgets.annotator_layers import (
     POINTS_LAYER,
     AnnotatorLayers,
 )
-from napari_raysam.widgets.tasks import failure_message, start_task
+from napari_raysam.widgets.tasks import failure_message, start_task, stop_if_closing
 
 _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long
 
@@ -614,9 +614,13 @@ class AnnotatorWidget(QWidget):
         self._say(message)
         self.progress_bar.setRange(0, 0)  # busy until the task reports its first (done, total)
         self.progress_bar.setVisible(True)
-        self._worker = start_task(
-            task, self._progress.changed.emit, done=done, failed=self._failed, finished=self._finished
-        )
+        report = self._progress.changed.emit
+
+        def progress(done: int, total: int) -> None:
+            stop_if_closing()  # napari was closed: a long embedding stops at its next tile
+            report(done, total)
+
+        self._worker = start_task(task, progress, done=done, failed=self._failed, finished=self._finished)
         self._update_buttons()
 
     def _show_progress(self, done: int, total: int) -> None:
