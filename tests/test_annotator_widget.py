@@ -441,7 +441,6 @@ def run_napari_script(script: str) -> str:
 
 
 NAPARI_FIRST = """
-import sys
 import time
 
 import napari

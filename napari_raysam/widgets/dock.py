@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QLabel, QProgressBar, QSizePolicy, QVBoxLayout, QWidg
 from napari_raysam.widgets.tasks import failure_message
 
 _EXPANDING = (QSizePolicy.Policy.Expanding, QSizePolicy.Policy.MinimumExpanding, QSizePolicy.Policy.Ignored)
+_BROKEN_INSTALL = (ImportError, OSError)  # a missing package or library: reinstalling mends it
 
 
 def import_without_collections(module: str) -> ModuleType:
@@ -111,8 +112,8 @@ class LoadingDock(QWidget):
 
     def _failed(self, error: Exception) -> None:
         self._busy.hide()
-        message = failure_message(error, (ImportError, OSError), "loading the dock")
-        if isinstance(error, (ImportError, OSError)):
+        message = failure_message(error, _BROKEN_INSTALL, "loading the dock")
+        if isinstance(error, _BROKEN_INSTALL):
             message = (f"could not load PyTorch or Segment Anything ({message}): reinstall napari-raysam "
                        "(bash scripts/setup.sh) and restart napari")
         self._message.setText(message)
