@@ -132,7 +132,10 @@ def decode(
     # from here on SAM's MaskDecoder.predict_masks, minus its repeat of one image per prompt
     hs, src = _transformer(decoder.transformer, src, pos, tokens, _far_key_bias(batch, size, src.device))
     mask_tokens = hs[:, 1:1 + decoder.num_mask_tokens]
-    upscaled = decoder.output_upscaling(src.transpose(1, 2).reshape(batch, -1, size + FAR_ROWS, size))
+    # contiguous: SAM's view of the tokens is channels-last, and its gradient arrives contiguous, so
+    # GELU's and the transposed convolutions' backward took a slow mixed-layout path (a step ~12 % slower)
+    tokens_as_image = src.transpose(1, 2).reshape(batch, -1, size + FAR_ROWS, size).contiguous()
+    upscaled = decoder.output_upscaling(tokens_as_image)
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in enumerate(decoder.output_hypernetworks_mlps)], dim=1)
     masks = (hyper @ upscaled.flatten(2)).view(batch, -1, *upscaled.shape[-2:])
     return masks, decoder.iou_prediction_head(hs[:, 0])
