@@ -19,6 +19,8 @@ from test_annotator_widget import annotator, click, press, wait_for_worker  # no
 
 SHAPE = (128, 128)
 CELLS = 8
+MAGNIFICATION = 6
+"""How much larger than usual ``magnified`` shows the cells (see there for why 6)."""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,9 @@ def magnified(field: np.ndarray) -> np.ndarray:
     3x by ~0.1 on an AMD EPYC but 0.015 on the Xeon, and an inverted field, dark cells on a bright
     background, by 0.03 only: too close to tell apart from the CPU's arithmetic)."""
     height, width = field.shape
-    return ndimage.zoom(field[: -(-height // 6), : -(-width // 6)], 6, order=1)[:height, :width]
+    return ndimage.zoom(
+        field[: -(-height // MAGNIFICATION), : -(-width // MAGNIFICATION)], MAGNIFICATION, order=1
+    )[:height, :width]
 
 
 def test_the_suggestion_is_the_most_uncertain_image_not_annotated_and_not_shown():
