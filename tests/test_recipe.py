@@ -78,6 +78,9 @@ def test_each_object_is_also_trained_on_far_away_tokens_as_background():
     tokens = windowed_decoder.window_with_far_rows(embedding, origins, far, size, 1)
     cells = windowed_decoder.window_with_far_rows(logit_grid, origins, far, size, 4)
     for b in range(2):
+        left, top = origins[b].tolist()
+        assert torch.equal(tokens[b, :, :size], embedding[0, :, top:top + size, left:left + size])
+        assert torch.equal(cells[b, :side], logit_grid[b, 4 * top:4 * top + side, 4 * left:4 * left + side])
         x, y = far[b] % 64, far[b] // 64
         inside = (x >= origins[b, 0]) & (x < origins[b, 0] + size) & (y >= origins[b, 1]) & (y < origins[b, 1] + size)
         assert not inside.any() and len(set(far[b].tolist())) == len(far[b])
