@@ -170,10 +170,16 @@ def _far_key_bias(batch: int, size: int, device: torch.device) -> torch.Tensor:
     return bias.expand(batch, 1, 1, -1)
 
 
+def _heads(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """SAM's ``Attention`` projections of ``(B, n, C)`` queries, keys and values, each split into
+    ``(B, heads, n, C' / heads)``."""
+    return tuple(attention._separate_heads(proj(x), attention.num_heads)
+                 for proj, x in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v)))
+
+
 def _attend(attention, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_bias: torch.Tensor | None) -> torch.Tensor:
     """SAM's ``Attention.forward`` with an additive bias on the keys."""
-    q, k, v = (attention._separate_heads(proj(x), attention.num_heads)
-               for proj, x in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v)))
+    q, k, v = _heads(attention, q, k, v)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_bias)
     return attention.out_proj(attention._recombine_heads(out))
 
@@ -185,8 +191,7 @@ def _image_to_prompt_tokens(attention, q: torch.Tensor, k: torch.Tensor, v: torc
     The softmax runs over T either way; PyTorch's CPU softmax over a last dimension of T ~ 7 took 4.6 ms
     forward and backward for a step's ``(32, 8, 96, 7)`` scores, over the strided dimension 0.36 ms (1 thread).
     """
-    q, k, v = (attention._separate_heads(proj(x), attention.num_heads)
-               for proj, x in ((attention.q_proj, q), (attention.k_proj, k), (attention.v_proj, v)))
+    q, k, v = _heads(attention, q, k, v)
     weights = (k @ q.transpose(-1, -2) / math.sqrt(q.shape[-1])).softmax(dim=-2)
     return attention.out_proj(attention._recombine_heads(weights.transpose(-1, -2) @ v))
 
