@@ -35,6 +35,7 @@ from backend.config import TrainConfig
 from backend import fast_recipe
 from backend.dataset import Dataset, open_dataset
 from backend.dataset.crops import TrainingCrops
+from backend.denormals import flush_denormals
 from backend.embedding_cache import EmbeddingCache
 from backend.models import LoadedModel, load_model, set_predictor_image
 from backend.run_directory import RunDirectory
@@ -117,6 +118,8 @@ class SamFineTuner:
         world_size: int = 1,
         progress: ProgressCallback | None = None,
     ) -> None:
+        # first, before any parallel PyTorch operation starts its threads: they inherit the setting
+        flush_denormals()
         self.config = config
         self._elapsed_before = 0.0  # training time of earlier attempts of this run (resume)
         self.embeddings_computed = 0

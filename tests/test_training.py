@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -51,6 +52,22 @@ def test_decoder_mode_computes_each_embedding_once(cell_dataset, tmp_path, monke
         tuner.run_epoch(epoch)
     assert calls == []  # 4 images were embedded in the constructor; training never runs the encoder
     assert len(tuner._embeddings) == 4
+
+
+def test_training_computes_with_denormal_floats_flushed_to_zero(cell_dataset, tmp_path):
+    # a decoder that has learned makes many; on a CPU each costs many times a normal float, and a run
+    # slowed to less than half its speed as it learned (docs/BENCHMARKS.md)
+    def tiny_product() -> float:  # 1e-40: below float32's smallest normal number, ~1.2e-38
+        return float(torch.tensor([1e-20]) * torch.tensor([1e-20]))
+
+    torch.set_flush_denormal(False)
+    assert tiny_product() > 0
+    SamFineTuner(config(cell_dataset, tmp_path, mode="decoder"))
+    in_a_thread_started_after = []
+    thread = threading.Thread(target=lambda: in_a_thread_started_after.append(tiny_product()))
+    thread.start()
+    thread.join()
+    assert tiny_product() == 0 and in_a_thread_started_after == [0]
 
 
 def test_decoder_mode_uses_embeddings_stored_in_the_dataset(tmp_path, monkeypatch):
