@@ -1,12 +1,13 @@
-"""Flushing denormal floats to zero on the CPU, where a SAM decoder that has learned makes many.
+"""Flushing denormal floats to zero on the CPU: training a SAM decoder that has learned makes many.
 
-A decoder that has learned attends sharply and predicts confidently, so its softmaxes and sigmoids,
-and their gradients, are full of values below float32's smallest normal number (~1.2e-38). x86 CPUs
-compute with such denormal numbers many times slower than with normal ones. Measured on 2 cores
-(docs/BENCHMARKS.md): a fast-recipe step of random ``vit_t`` took 0.11 s when the decoder was new
-and 0.27 s after 2.5 minutes of training, 0.12 s with denormals flushed; on one thread 0.40 s and
-0.18 s. So every run slowed down as it learned, its last epochs at less than half speed. Values that
-small change no mask.
+Once a decoder predicts confidently, a training step's loss and gradients are full of values below
+float32's smallest normal number (~1.2e-38), and x86 CPUs compute with such denormal numbers many
+times slower than with normal ones. Measured on 2 cores (docs/BENCHMARKS.md): a fast-recipe step of
+random ``vit_t`` took 0.11 s when the decoder was new and 0.27 s after 2.5 minutes of training, 0.12 s
+with denormals flushed; on one thread 0.40 s and 0.18 s. So every run slowed down as it learned, its
+last epochs at less than half speed. Flushing changes nothing a mask shows: values that small are lost
+in any sum with a normal number. The same decoder's inference (the annotator's prompt answer) took the
+same time either way, so only training flushes.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from backend.config import TrainConfig
+from backend.denormals import flush_denormals
 from backend.training import SamFineTuner
 
 
@@ -44,8 +45,12 @@ def setting_value(text: str) -> int | float | str:
 
 def start_bench(prefix: str) -> Path:
     """Start a CPU learning benchmark: torch uses ``$OMP_NUM_THREADS`` threads (1 by default, so
-    runs compare on a shared machine), the machine and its load are printed, and a fresh work
-    folder named ``<prefix>...`` is made in the temporary directory and returned."""
+    runs compare on a shared machine) with denormal floats flushed to zero, as training does
+    (``backend.denormals``), the machine and its load are printed, and a fresh work folder named
+    ``<prefix>...`` is made in the temporary directory and returned."""
+    # before any PyTorch work starts its threads, which inherit it: a bench that scores a model before
+    # it trains one would otherwise train with one thread computing denormals (SamFineTuner sets it late)
+    flush_denormals()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     print(machine(), "| load:", os.getloadavg(), flush=True)
     return Path(tempfile.mkdtemp(prefix=prefix))
