@@ -55,8 +55,8 @@ def test_decoder_mode_computes_each_embedding_once(cell_dataset, tmp_path, monke
 
 
 def test_training_computes_with_denormal_floats_flushed_to_zero(cell_dataset, tmp_path):
-    # a decoder that has learned makes many; on a CPU each costs many times a normal float, and a run
-    # slowed to less than half its speed as it learned (docs/BENCHMARKS.md)
+    # training a decoder that has learned makes many; on a CPU each costs many times a normal float, and
+    # a run slowed to less than half its speed as it learned (docs/BENCHMARKS.md)
     def tiny_product() -> float:  # 1e-40: below float32's smallest normal number, ~1.2e-38
         return float(torch.tensor([1e-20]) * torch.tensor([1e-20]))
 
