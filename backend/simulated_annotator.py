@@ -7,9 +7,11 @@ Each ground-truth object is annotated on its own, as a person does one object at
 2. while the mask's IoU with the object is below ``target_iou`` and fewer than ``max_clicks``
    clicks were given, one corrective point: at the point farthest inside the largest
    8-connected error region of the current mask, positive where that region is a missed part
-   of the object, negative where it is a false positive. Each prediction gets the box, all
-   points so far and the previous prediction's ``(1, 256, 256)`` low-res logits as
-   ``mask_input``; single-mask output.
+   of the object, negative where it is a false positive. Each prediction gets the box and all
+   points so far, single-mask output, as the annotator's Segment sends them (micro-sam's
+   ``segment_from_box_and_points``, which passes no mask prompt). With ``mask_feedback`` it
+   also gets the previous prediction's ``(1, 256, 256)`` low-res logits as ``mask_input``
+   (micro-sam's evaluation with ``use_masks=True``).
 
 So ``clicks`` counts prompts: the box is 1, each corrective point adds 1, at most ``max_clicks``
 (8 clicks = the box and 7 points = 8 decoder passes, as micro-sam's 8 iterations).
@@ -17,8 +19,8 @@ So ``clicks`` counts prompts: the box is 1, each corrective point adds 1, at mos
 How this differs from micro-sam's iterative prompting
 (``micro_sam.evaluation.inference.run_inference_with_iterative_prompting`` with
 ``micro_sam.prompt_generators.IterativePromptGenerator``), which it follows in starting from the
-box, single-mask output, keeping every earlier prompt and feeding the logits back
-(``use_masks=True``): micro-sam adds per iteration one positive *and* one negative point, each
+box, single-mask output and keeping every earlier prompt (its default ``use_masks=False``
+feeds no logits back either): micro-sam adds per iteration one positive *and* one negative point, each
 drawn at random from *all* missed / false-positive pixels, and runs a fixed number of iterations
 for every object. Here each step is one deterministic click where a person would click (the
 centre of the largest error, the click protocol of interactive-segmentation benchmarks), and an
@@ -106,11 +108,14 @@ def annotate_object(
     *,
     target_iou: float = TARGET_IOU,
     max_clicks: int = MAX_CLICKS,
+    mask_feedback: bool = False,
 ) -> list[float]:
     """Annotate one object on the image already set in ``predictor``; returns the IoU after each click.
 
     ``truth`` is the object's ``(H, W)`` bool mask, ``box`` its ``(4,)`` XYXY box in pixels
-    (exclusive max). Runs under the caller's grad mode and model mode (see ``simulate_annotator``).
+    (exclusive max); ``mask_feedback``: each prediction after the first also gets the previous
+    one's logits as ``mask_input``. Runs under the caller's grad mode and model mode (see
+    ``simulate_annotator``).
     """
     points: list[tuple[int, int]] = []
     point_labels: list[int] = []
@@ -122,7 +127,7 @@ def annotate_object(
             point_coords=np.array(points, np.float32) if points else None,
             point_labels=np.array(point_labels, np.int64) if points else None,
             box=box,
-            mask_input=logits,
+            mask_input=logits if mask_feedback else None,
             multimask_output=False,
         )
         iou = float(mask_iou(torch.from_numpy(masks), true_mask)[0])
@@ -143,6 +148,7 @@ def simulate_annotator(
     *,
     target_iou: float = TARGET_IOU,
     max_clicks: int = MAX_CLICKS,
+    mask_feedback: bool = False,
     progress: ProgressCallback | None = None,
 ) -> list[ObjectClicks]:
     """Annotate every object of every image with the simulated annotator (module docstring).
@@ -156,6 +162,8 @@ def simulate_annotator(
             annotated, so pass a subset of the ids to annotate fewer.
         target_iou: An object is done at this IoU, in ``(0, 1]``.
         max_clicks: The most clicks per object (the box included), at least 1.
+        mask_feedback: Feed each prediction's low-res logits back as the next one's mask prompt
+            (micro-sam's ``use_masks=True``); False, as the annotator segments.
         progress: Called as ``progress(done, total)`` after each object; ``total`` is the number of
             objects in all images.
 
@@ -182,7 +190,10 @@ def simulate_annotator(
             set_predictor_image(predictor, image)
             object_ids, boxes, _ = object_prompts(label)
             for object_id, box in zip(object_ids, boxes.numpy()):
-                ious = annotate_object(predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks)
+                ious = annotate_object(
+                    predictor, label == object_id, box, target_iou=target_iou, max_clicks=max_clicks,
+                    mask_feedback=mask_feedback,
+                )
                 results.append(ObjectClicks(index, object_id, tuple(ious), ious[-1] >= target_iou))
                 if progress is not None:
                     progress(len(results), total)

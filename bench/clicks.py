@@ -18,9 +18,11 @@ Beside the clicks to IoU 0.9 (the figure), from the same annotations: the clicks
 mean IoU after the box alone and after all clicks, which say whether corrective clicks help a model
 that does not reach 0.9. ``--rounds`` sets the recipe's prompting rounds (``n_sub_iteration``:
 rounds after the first train corrective clicks). ``--frames val`` counts the clicks on the val
-frames 12 and 14 instead, to choose settings without reading the held-out ones.
+frames 12 and 14 instead, to choose settings without reading the held-out ones. The clicks are
+sent as the annotator's Segment sends them; ``--mask-feedback`` also feeds each prediction's
+logits back as the next one's mask prompt (micro-sam's evaluation with ``use_masks=True``).
 
-    .venv/bin/python bench/clicks.py [--minutes 5] [--seeds 3] [--objects 60] [--rounds 1]
+    .venv/bin/python bench/clicks.py [--minutes 5] [--seeds 3] [--objects 60] [--rounds 1] [--mask-feedback]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from napari_raysam.demo import scored_objects
 START_MODEL = "random:vit_t"
 
 
-def clicks_on(model: str, frames: Path, objects: int) -> dict:
+def clicks_on(model: str, frames: Path, objects: int, mask_feedback: bool = False) -> dict:
     """The simulated annotator's summary (``click_summary``) of ``model`` on the val split of ``frames``, plus its seconds."""
     started = time.perf_counter()
     dataset = open_dataset(frames)
@@ -58,7 +60,8 @@ def clicks_on(model: str, frames: Path, objects: int) -> dict:
             print(f"    {done}/{total} objects, {time.perf_counter() - started:.0f} s", flush=True)
 
     results = simulate_annotator(
-        SamPredictor(load_model(model).sam), [dataset.sam_image(i) for i in ids], labels, progress=progress
+        SamPredictor(load_model(model).sam), [dataset.sam_image(i) for i in ids], labels,
+        mask_feedback=mask_feedback, progress=progress,
     )
     return {
         **click_summary(results), "clicks_to_0.5": float(np.mean([r.clicks_to(0.5) for r in results])),
@@ -81,6 +84,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=60, help="evenly spread held-out objects per frame")
     parser.add_argument("--rounds", type=int, default=None, help="prompting rounds per step (default: the recipe's)")
     parser.add_argument("--frames", choices=("held-out", "val"), default="held-out", help="where the clicks are counted")
+    parser.add_argument("--mask-feedback", action="store_true", help="feed each prediction's logits back as a mask prompt")
     args = parser.parse_args()
     started = time.perf_counter()
     work = start_bench("bench-clicks-")
@@ -88,7 +92,7 @@ def main() -> None:
     frames = data.parent / "hela_test.zarr" if args.frames == "held-out" else data  # the val split of either
 
     print(f"start model {START_MODEL} | load {os.getloadavg()}", flush=True)
-    before = clicks_on(START_MODEL, frames, args.objects)
+    before = clicks_on(START_MODEL, frames, args.objects, args.mask_feedback)
     print(f"  before: {described(before)} ({before['n_objects']} objects, {before['seconds']:.0f} s)", flush=True)
     rows = []
     for seed in range(args.seeds):
@@ -102,7 +106,7 @@ def main() -> None:
         epochs = []
         model = train(config, on_epoch=epochs.append)
         print(f"  {len(epochs)} epochs, val IoU {epochs[0].val_iou:.3f} -> {epochs[-1].val_iou:.3f}", flush=True)
-        after = clicks_on(str(model), frames, args.objects)
+        after = clicks_on(str(model), frames, args.objects, args.mask_feedback)
         print(f"  after: {described(after)} ({after['seconds']:.0f} s) | load {os.getloadavg()}", flush=True)
         rows.append({"seed": seed, "epochs": len(epochs), "val_iou": [e.val_iou for e in epochs], "after": after})
 

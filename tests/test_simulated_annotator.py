@@ -83,10 +83,11 @@ def test_a_perfect_predictor_needs_one_click_per_object(tiny_sam):
     assert click_summary(results) == {"n_objects": n_objects, "mean_clicks": 1.0, "reached": 1.0, "mean_iou": 1.0}
 
 
-def test_a_predictor_that_never_improves_uses_every_click_and_gets_its_logits_back(tiny_sam):
+@pytest.mark.parametrize("mask_feedback", [False, True])
+def test_a_predictor_that_never_improves_uses_every_click(tiny_sam, mask_feedback):
     image, labels = _cells(2, n_cells=1)
     predictor = StubPredictor(tiny_sam, labels, "box")
-    [result] = simulate_annotator(predictor, [image], [labels])
+    [result] = simulate_annotator(predictor, [image], [labels], mask_feedback=mask_feedback)
     truth = labels == result.object_id
 
     assert result.clicks == MAX_CLICKS and not result.reached
@@ -96,8 +97,11 @@ def test_a_predictor_that_never_improves_uses_every_click_and_gets_its_logits_ba
         # each step: all points so far, all negative (the box's corners are false positives) ...
         assert len(call["points"]) == number and list(call["labels"]) == [0] * number
         assert all(not truth[int(y), int(x)] for x, y in call["points"])
-        # ... and the logits of the step before as mask_input.
-        assert call["mask_input"].shape == (1, 256, 256) and np.all(call["mask_input"] == number)
+        # ... and, fed back, the logits of the step before as mask_input (the annotator sends none)
+        if mask_feedback:
+            assert call["mask_input"].shape == (1, 256, 256) and np.all(call["mask_input"] == number)
+        else:
+            assert call["mask_input"] is None
 
 
 def test_the_corrective_click_follows_the_error(tiny_sam):
