@@ -3,7 +3,9 @@
 Both train vit_t (random weights, written once as a micro-sam checkpoint so ``train_sam``
 can read it offline) in full mode on the same 512 x 512 crops of the real HeLa frames,
 with micro-sam's defaults for prompting (8 sub-iterations) and bf16 autocast on the CPU
-(``train_sam`` always trains with mixed precision). Only training steps are timed: the
+(``train_sam`` always trains with mixed precision), denormal floats flushed to zero on both sides
+(our trainer flushes them; set here first, micro-sam's first run would compute them and every later
+run of both in this thread would not). Only training steps are timed: the
 first steps of each run are a warm-up, validation is excluded on both sides. Runs
 alternate (micro-sam, ours, micro-sam, ours) so drift in the machine's speed hits both.
 
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader
 from backend.config import TrainConfig
 from backend.dataset import open_dataset
 from backend.dataset.crops import TrainingCrops
+from backend.denormals import flush_denormals
 from backend.models import build_sam, export_micro_sam_checkpoint, save_model_folder
 from common import hela_dataset, machine, training_samples_per_s
 
@@ -76,6 +79,7 @@ def main() -> None:
     parser.add_argument("--objects", type=int, default=10, help="objects per batch (micro-sam default 25)")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
+    flush_denormals()
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="bench-trainer-"))
     data = hela_dataset(work / "data")
