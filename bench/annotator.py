@@ -289,7 +289,7 @@ def _gui_stalls(work: Path, plane: np.ndarray, labels: np.ndarray, grid: int) ->
     widget = AnnotatorWidget(viewer, cache_dir=work / "gui-cache")
     viewer.window.add_dock_widget(widget, name="SAM annotator")
     widget.model_panel.combo.setCurrentText(MODEL)
-    widget.grid_spin.setValue(grid)
+    widget.segment_panel.grid_spin.setValue(grid)
     app = QApplication.instance()
 
     # GUI-thread work of the widget, timed: (name, start, s). Instance attributes shadow the methods;

@@ -249,7 +249,7 @@ def series(viewer, widget, loop: EventLoop, steps: int, grid: int, prompts: int)
         step["next_to_prompt_s"] = round(asked[0] - pressed[0], 3)
         figures["next"].append({"to": z, **step})
         widget.clear_prompts()
-    widget.grid_spin.setValue(grid)
+    widget.segment_panel.grid_spin.setValue(grid)
     figures["automatic_segmentation"] = loop.run_until(widget.automatic_segmentation, lambda: widget._worker is None)
     return figures
 

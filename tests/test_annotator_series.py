@@ -31,7 +31,7 @@ def record_status(monkeypatch, widget: AnnotatorWidget) -> list[str]:
 
 def commit_square(qtbot, widget: AnnotatorWidget, viewer) -> None:
     propose_square(widget, np.s_[20:30, 20:30])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
 
 
 def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeypatch):
@@ -61,7 +61,7 @@ def test_a_stack_is_gone_through_with_buttons_and_keys(annotator, qtbot, monkeyp
     assert not viewer.layers[COMMITTED_LAYER].data.any()
     assert series.label.text() == "image 2 of 3 · 1 of 3 annotated" and series.previous_button.isEnabled()
     viewer.layers[POINTS_LAYER].add([48, 48])
-    click(qtbot, widget.segment_button)
+    click(qtbot, widget.segment_panel.segment_button)
     wait_for_worker(qtbot, widget)
     assert "proposed object" in widget.status.text()
 
@@ -134,6 +134,6 @@ def test_the_series_works_ahead_at_the_lowest_cpu_priority(annotator, qtbot, mon
     monkeypatch.setattr(widget.session, "segment_objects", lambda *args, real=widget.session.segment_objects: (
         answered_at.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())), real(*args))[1])
     viewer.layers[POINTS_LAYER].add([48, 48])
-    click(qtbot, widget.segment_button)
+    click(qtbot, widget.segment_panel.segment_button)
     wait_for_worker(qtbot, widget)
     assert answered_at == [0] and os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == 0

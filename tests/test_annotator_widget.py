@@ -64,7 +64,7 @@ def load_tiny_model(qtbot, widget: AnnotatorWidget) -> None:
 def embed(qtbot, widget: AnnotatorWidget) -> None:
     """Load random:tiny and compute the embeddings of the chosen image, through the buttons."""
     load_tiny_model(qtbot, widget)
-    click(qtbot, widget.embed_button)
+    click(qtbot, widget.segment_panel.embed_button)
     wait_for_worker(qtbot, widget)
 
 
@@ -96,7 +96,7 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
     assert "embeddings ready" in widget.status.text()
-    assert widget.segment_button.isEnabled()
+    assert widget.segment_panel.segment_button.isEnabled()
 
     # a positive point on a cell, then T and a negative point on the background
     cell = np.argwhere(truth == truth.max())[0]
@@ -127,18 +127,18 @@ def test_full_flow_through_buttons_and_keys(annotator, qtbot, tmp_path):
     # a box prompt, segment with the button
     ys, xs = np.nonzero(truth == 1)
     viewer.layers[BOXES_LAYER].add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
-    click(qtbot, widget.segment_button)
+    click(qtbot, widget.segment_panel.segment_button)
     wait_for_worker(qtbot, widget)
     assert calls[-1][2] == pytest.approx([ys.min(), xs.min(), ys.max(), xs.max()])
 
     # automatic segmentation in the background, commit all, undo takes back the whole batch
-    widget.grid_spin.setValue(8)
-    click(qtbot, widget.automatic_button)
+    widget.segment_panel.grid_spin.setValue(8)
+    click(qtbot, widget.segment_panel.automatic_button)
     wait_for_worker(qtbot, widget)
     automatic = viewer.layers[AUTOMATIC_LAYER].data
     assert automatic.shape == (128, 128) and automatic.dtype == np.uint32
     viewer.layers[AUTOMATIC_LAYER].data = truth.copy()  # random weights find nothing reliable: commit known objects
-    click(qtbot, widget.commit_automatic_button)
+    click(qtbot, widget.segment_panel.commit_automatic_button)
     committed = viewer.layers[COMMITTED_LAYER].data
     assert set(np.unique(committed)) == set(range(int(committed.max()) + 1)) and committed.max() == 6
     press(qtbot, viewer, Qt.Key.Key_U)
@@ -188,7 +188,7 @@ def test_committed_objects_survive_closing_and_reopening(make_napari_viewer, qtb
         embed(qtbot, widget)
         if attempt == 0:
             widget.layers.show(CURRENT_LAYER, (truth == 2).astype(np.uint8))
-            click(qtbot, widget.commit_button)
+            click(qtbot, widget.segment_panel.commit_button)
         else:
             assert "loading cached embeddings" not in widget.status.text()  # the final message replaced it
             np.testing.assert_array_equal(viewer.layers[COMMITTED_LAYER].data, (truth == 2).astype(np.uint32))
@@ -221,7 +221,7 @@ def test_a_commit_does_not_wait_for_its_autosave(annotator, qtbot, monkeypatch):
     monkeypatch.setattr(AnnotationStore, "save", slow_save)
     propose_square(widget, np.s_[5:15, 5:15])
     started = time.perf_counter()
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     assert time.perf_counter() - started < 0.5 and widget.status.text() == "committed object 1"
     assert widget.store.load(widget._plane_key, (96, 96))[10, 10] == 1
 
@@ -239,12 +239,12 @@ def test_commit_and_undo_show_on_screen_what_a_whole_redraw_shows(annotator, qtb
 
     empty = screen()
     propose_square(widget, np.s_[20:60, 30:70])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     shown = screen()
     assert not np.array_equal(shown, empty)
     committed.refresh()
     np.testing.assert_array_equal(screen(), shown)
-    click(qtbot, widget.undo_button)
+    click(qtbot, widget.segment_panel.undo_button)
     np.testing.assert_array_equal(screen(), empty)
 
 
@@ -259,7 +259,7 @@ def test_an_autosave_that_fails_says_what_to_do(annotator, qtbot, monkeypatch):
 
     monkeypatch.setattr(AnnotationStore, "save", full_disk)
     propose_square(widget, np.s_[5:15, 5:15])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     qtbot.waitUntil(lambda: widget.status.text().startswith(
         "could not autosave the annotations (No space left on device): free disk space"))
 
@@ -288,7 +288,7 @@ def test_hpa_four_channels_as_one_layer_and_as_separate_layers(annotator, qtbot,
     # export keeps the four channels, their names and the SAM mapping; exporting the same image
     # into the other split moves it there: never twice, never in both splits
     propose_square(widget, np.s_[30:50, 30:50])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     widget.export_panel.dataset_edit.setText(str(tmp_path / "hpa.zarr"))
     for split in ("train", "val"):
         widget.export_panel.split_combo.setCurrentText(split)
@@ -313,10 +313,10 @@ def test_stack_is_annotated_slice_by_slice(annotator, qtbot):
     assert widget.image.layout_combo.currentText().startswith("slices")
     load_tiny_model(qtbot, widget)
     viewer.dims.set_current_step(0, 2)
-    click(qtbot, widget.embed_button)
+    click(qtbot, widget.segment_panel.embed_button)
     wait_for_worker(qtbot, widget)
     propose_square(widget, np.s_[10:20, 10:20])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     viewer.dims.set_current_step(0, 4)  # the next slice starts empty and gets its own embeddings
     wait_for_worker(qtbot, widget)
     assert widget._plane_index == (4,) and not viewer.layers[COMMITTED_LAYER].data.any()
@@ -345,7 +345,7 @@ def test_bad_images_get_a_plain_message(annotator, qtbot, data, message):
 
 def test_no_image_and_unloadable_model_get_plain_messages(annotator, qtbot, tmp_path):
     viewer, widget = annotator
-    assert not widget.embed_button.isEnabled()
+    assert not widget.segment_panel.embed_button.isEnabled()
     widget.model_panel.combo.setCurrentText(str(tmp_path / "missing.pt"))
     click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
@@ -380,7 +380,7 @@ def test_model_switch_keeps_embeddings_only_when_the_encoder_is_unchanged(annota
     wait_for_worker(qtbot, widget)
     assert "embeddings were kept" in widget.status.text()
     assert widget.session.model.source == str(tmp_path / "run-1" / "model")
-    assert widget.segment_button.isEnabled()
+    assert widget.segment_panel.segment_button.isEnabled()
 
     # another image encoder: the embeddings are recomputed without asking
     _saved_variant(tmp_path / "encoder-tuned", "image_encoder")
@@ -408,7 +408,7 @@ def test_prompts_outside_the_image_get_a_plain_message(annotator, qtbot):
     viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
     viewer.layers[POINTS_LAYER].add([500, 500])
-    click(qtbot, widget.segment_button)
+    click(qtbot, widget.segment_panel.segment_button)
     wait_for_worker(qtbot, widget)
     assert "outside the image" in widget.status.text()
     assert not viewer.layers[CURRENT_LAYER].data.any()
@@ -508,7 +508,7 @@ annotator.model_panel.load_button.click()
 while annotator.busy or annotator.model_source is None:
     QApplication.processEvents()
     time.sleep(0.02)
-annotator.embed_button.click()  # ~2 s of vit_t's image encoder on a HeLa frame
+annotator.segment_panel.embed_button.click()  # ~2 s of vit_t's image encoder on a HeLa frame
 for _ in range(10):
     QApplication.processEvents()
     time.sleep(0.02)
@@ -546,7 +546,7 @@ def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
     assert path.is_file()
     # the dock is laid out at a readable size and every button is on screen
     assert widget.width() >= 250 and widget.isVisible()
-    for button in (widget.segment_button, widget.commit_button, widget.export_panel.button):
+    for button in (widget.segment_panel.segment_button, widget.segment_panel.commit_button, widget.export_panel.button):
         assert button.isVisible() and button.width() >= 40 and button.height() >= 15
     assert screenshot.shape[1] > widget.width()
 
@@ -557,10 +557,10 @@ def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbo
     layer = viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
     propose_square(widget, np.s_[5:15, 5:15])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     key = widget._plane_key
     viewer.layers.remove(layer)
-    assert not widget.segment_button.isEnabled() and not widget.export_panel.button.isEnabled()
+    assert not widget.segment_panel.segment_button.isEnabled() and not widget.export_panel.button.isEnabled()
     assert widget.store.load(key, (96, 96))[10, 10] == 1
     widget.export_panel.dataset_edit.setText("out.zarr")
     widget.export()
@@ -574,12 +574,12 @@ def test_a_model_with_an_instance_decoder_segments_automatically_with_it(annotat
     widget.model_panel.combo.setCurrentText(decoder_model)
     click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
-    assert "instance decoder" in widget.model_panel.label.text() and not widget.grid_spin.isEnabled()
-    spins = widget.automatic_settings.spins
+    assert "instance decoder" in widget.model_panel.label.text() and not widget.segment_panel.grid_spin.isEnabled()
+    spins = widget.segment_panel.automatic_settings.spins
     assert spins["center_distance_threshold"].isEnabled() and not spins["pred_iou_thresh"].isEnabled()
-    click(qtbot, widget.embed_button)
+    click(qtbot, widget.segment_panel.embed_button)
     wait_for_worker(qtbot, widget)
-    click(qtbot, widget.automatic_button)
+    click(qtbot, widget.segment_panel.automatic_button)
     wait_for_worker(qtbot, widget)
     assert viewer.layers[AUTOMATIC_LAYER].data.shape == (96, 96)
     assert "automatic segmentation:" in widget.status.text()
@@ -609,12 +609,12 @@ def test_batched_prompts_segment_many_objects_committed_as_one_step(annotator, q
         ys, xs = np.nonzero(truth == object_id)
         boxes.add_rectangles(np.array([[ys.min(), xs.min()], [ys.max(), xs.max()]]))
     viewer.layers[POINTS_LAYER].add(np.argwhere(truth == 3)[0])
-    click(qtbot, widget.segment_button)
+    click(qtbot, widget.segment_panel.segment_button)
     assert "tick Batched" in widget.status.text()  # points and two boxes: which object is which?
     assert not viewer.layers[CURRENT_LAYER].data.any()
 
-    widget.batched_check.setChecked(True)
-    click(qtbot, widget.segment_button)
+    widget.segment_panel.batched_check.setChecked(True)
+    click(qtbot, widget.segment_panel.segment_button)
     wait_for_worker(qtbot, widget)  # several objects are segmented in the background
     proposed = shown_proposal(viewer, "cells")
     assert set(np.unique(proposed)) == {0, 1, 2, 3} and widget.status.text().startswith("proposed 3 objects")
@@ -639,7 +639,7 @@ def test_a_plane_is_read_hashed_and_restored_off_the_event_loop_and_locked_meanw
     viewer.add_image(stack, name="frames")
     embed(qtbot, widget)
     propose_square(widget, np.s_[10:20, 10:20])
-    click(qtbot, widget.commit_button)
+    click(qtbot, widget.segment_panel.commit_button)
     [start] = widget._plane_index
     threads, release = [], threading.Event()
     prepare = annotator_module.prepare_plane
@@ -670,7 +670,7 @@ def test_automatic_segmentation_uses_the_settings_shown(annotator, qtbot, monkey
     image, _ = synthetic_cells(np.random.default_rng(5), shape=(96, 96), n_channels=1, n_cells=3)
     viewer.add_image(image[0], name="cells")
     embed(qtbot, widget)
-    settings = widget.automatic_settings
+    settings = widget.segment_panel.automatic_settings
     assert settings.button.isVisible() and not settings.form.isVisible()  # in a popup, until asked for
     settings.button.menu().popup(settings.button.mapToGlobal(settings.button.rect().bottomLeft()))
     qtbot.waitUntil(settings.form.isVisible)
@@ -678,13 +678,13 @@ def test_automatic_segmentation_uses_the_settings_shown(annotator, qtbot, monkey
     assert spins["pred_iou_thresh"].isEnabled() and not spins["boundary_distance_threshold"].isEnabled()  # a point grid model
     spins["pred_iou_thresh"].setValue(0.5)
     spins["min_object_size"].setValue(40)
-    widget.grid_spin.setValue(6)
+    widget.segment_panel.grid_spin.setValue(6)
     calls = []
     monkeypatch.setattr(widget.session, "automatic_segmentation", lambda progress, **kwargs: calls.append(kwargs) or np.zeros((96, 96), np.uint32))
     settings.form.grab().save("/tmp/napari_raysam_automatic_settings.png")  # the popup, looked at by the engineer
     viewer.screenshot("/tmp/napari_raysam_automatic_dock.png", canvas_only=False)
     settings.button.menu().hide()
-    click(qtbot, widget.automatic_button)
+    click(qtbot, widget.segment_panel.automatic_button)
     wait_for_worker(qtbot, widget)
     [used] = calls
     assert used["points_per_side"] == 6 and used["pred_iou_thresh"] == 0.5 and used["min_object_size"] == 40

@@ -74,11 +74,11 @@ def docks(make_napari_viewer, qtbot, tmp_path, ray_cluster, monkeypatch, request
     for z, (_, labels) in enumerate(pairs):
         viewer.dims.set_current_step(0, z)
         qtbot.waitUntil(lambda: not annotator.busy, timeout=120_000)
-        click(qtbot, annotator.embed_button)
+        click(qtbot, annotator.segment_panel.embed_button)
         qtbot.waitUntil(lambda: not annotator.busy and annotator.session.image_shape is not None, timeout=120_000)
         for object_id in np.unique(labels)[1:]:  # the reference objects, committed one by one
             annotator.layers.show(CURRENT_LAYER, (labels == object_id).astype(np.uint8))
-            click(qtbot, annotator.commit_button)
+            click(qtbot, annotator.segment_panel.commit_button)
     dock = FinetuneWidget(viewer)
     viewer.window.add_dock_widget(dock, name="Fine-tune")
     qtbot.waitUntil(lambda: dock.client is not None, timeout=120_000)  # connected in the background

@@ -85,7 +85,7 @@ def test_suggested_goes_to_the_hard_image_then_to_another_once_it_is_annotated(a
     widget.model_panel.combo.setCurrentText(fine_tuned)
     click(qtbot, widget.model_panel.load_button)
     wait_for_worker(qtbot, widget)
-    click(qtbot, widget.embed_button)
+    click(qtbot, widget.segment_panel.embed_button)
     wait_for_worker(qtbot, widget)
     wait_until_idle(qtbot, widget)  # the next image made ready, the series checked, every image ranked
     assert series.suggested_button.isEnabled() and series.suggested_button.text() == "Suggested: 1 ▶"

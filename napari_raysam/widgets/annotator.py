@@ -4,8 +4,8 @@ Thin by design: images are read by :mod:`napari_raysam.annotator.image_source`, 
 :class:`napari_raysam.annotator.session.SamSession`, commits/undo and autosave live in
 :mod:`napari_raysam.annotator.annotations`, export in :func:`backend.dataset.write_samples`.
 The dock's parts are widgets of their own: the image box (``annotator_image``), the series row
-(``annotator_series``), the model and export boxes (``annotator_panels``), the layers
-(``annotator_layers``), the automatic settings (``annotator_automatic``). This module wires them
+(``annotator_series``), the model and export boxes (``annotator_panels``), the segment box and
+the keys (``annotator_segment``), the layers (``annotator_layers``). This module wires them
 to buttons, keys and thread workers. Everything slow (model loading, embeddings, segmentation,
 export) runs in a worker thread (``tasks``); errors end up in the status line, in plain words,
 never in a traceback dialog.
@@ -22,17 +22,7 @@ import numpy as np
 import napari
 from napari.layers import Image
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
-from qtpy.QtWidgets import (
-    QCheckBox,
-    QGroupBox,
-    QHBoxLayout,
-    QLabel,
-    QProgressBar,
-    QPushButton,
-    QSpinBox,
-    QVBoxLayout,
-    QWidget,
-)
+from qtpy.QtWidgets import QLabel, QProgressBar, QVBoxLayout, QWidget
 
 from backend.dataset import DatasetError
 from backend.models import ModelError
@@ -51,10 +41,9 @@ from napari_raysam.annotator.progress import ProgressCallback
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, PromptError, object_prompts
 from napari_raysam.annotator.series import PreparedPlane, prepare_plane
 from napari_raysam.annotator.session import AIS, SamSession, SessionError
-from napari_raysam.widgets import annotator_series
-from napari_raysam.widgets.annotator_automatic import AutomaticSettings
 from napari_raysam.widgets.annotator_image import ImageChooser
 from napari_raysam.widgets.annotator_panels import ExportPanel, ModelPanel
+from napari_raysam.widgets.annotator_segment import SHORTCUTS, SegmentPanel
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -70,16 +59,6 @@ _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this lo
 
 # The user's expected errors: shown as they are. Anything else is a bug: logged with its traceback.
 _USER_ERRORS = (ImageError, SessionError, ModelError, DatasetError, CommitError, OSError)
-
-SHORTCUTS = {
-    "segment": "S",
-    "commit": "C",
-    "toggle": "T",
-    "clear": "Shift-C",
-    "undo": "U",
-    "automatic": "Shift-A",
-    **annotator_series.SHORTCUTS,
-}
 
 
 class _Progress(QObject):
@@ -197,42 +176,12 @@ class AnnotatorWidget(QWidget):
         self.model_panel.load_requested.connect(lambda: self.load_model())
         layout.addWidget(self.model_panel)
 
-        sam_box = QGroupBox("Segment")
-        sam_layout = QVBoxLayout(sam_box)
-        self.embed_button = QPushButton("Compute embeddings", toolTip="Run SAM's image encoder on the current image (cached on disk)")
-        self.embed_button.clicked.connect(self.compute_embeddings)
-        sam_layout.addWidget(self.embed_button)
-        row = QHBoxLayout()
-        self.prompt_mode_label = QLabel()
-        row.addWidget(self.prompt_mode_label, stretch=1)
-        self.batched_check = QCheckBox("Batched", toolTip=(
-            "Segment many objects at once: every box and every positive point is an object of its own; "
-            "negative points apply to all. Unticked, boxes without points are still one object each"
-        ))
-        row.addWidget(self.batched_check)
-        sam_layout.addLayout(row)
-        row = QHBoxLayout()
-        self.segment_button = self._button(row, "Segment", "segment", "Show the objects for the current prompts", self.segment)
-        self.commit_button = self._button(row, "Commit", "commit", "Add the shown objects to the committed objects, each with a new id", self.commit)
-        sam_layout.addLayout(row)
-        row = QHBoxLayout()
-        self.toggle_button = self._button(row, "Positive/negative", "toggle", "Switch the next points between positive and negative", self.toggle_prompt_mode)
-        self.clear_button = self._button(row, "Clear", "clear", "Remove all prompts and the shown object", self.clear_prompts)
-        self.undo_button = self._button(row, "Undo", "undo", "Take back the last commit", self.undo)
-        sam_layout.addLayout(row)
-        row = QHBoxLayout()
-        self.automatic_button = self._button(row, "Automatic segmentation", "automatic", "Segment every object in the image (runs in the background)", self.automatic_segmentation)
-        self.grid_spin = QSpinBox(minimum=4, maximum=64, value=32, toolTip=(
-            "Grid points per side for automatic segmentation: more finds smaller objects, fewer is faster"
-        ))
-        row.addWidget(self.grid_spin)
-        self.commit_automatic_button = QPushButton("Commit all", toolTip="Commit every object of the automatic segmentation (one undo step)")
-        self.commit_automatic_button.clicked.connect(self.commit_automatic)
-        self.automatic_settings = AutomaticSettings()
-        row.addWidget(self.automatic_settings.button)
-        row.addWidget(self.commit_automatic_button)
-        sam_layout.addLayout(row)
-        layout.addWidget(sam_box)
+        self.segment_panel = SegmentPanel({
+            "embed": self.compute_embeddings, "segment": self.segment, "commit": self.commit,
+            "toggle": self.toggle_prompt_mode, "clear": self.clear_prompts, "undo": self.undo,
+            "automatic": self.automatic_segmentation, "commit_automatic": self.commit_automatic,
+        })
+        layout.addWidget(self.segment_panel)
 
         self.export_panel = ExportPanel()
         self.export_panel.export_requested.connect(self.export)
@@ -245,12 +194,6 @@ class AnnotatorWidget(QWidget):
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._set_prompt_mode(POSITIVE)
-
-    def _button(self, row: QHBoxLayout, text: str, action: str, tip: str, slot: Callable[[], Any]) -> QPushButton:
-        button = QPushButton(text, toolTip=f"{tip} [{SHORTCUTS[action]}]")
-        button.clicked.connect(slot)
-        row.addWidget(button)
-        return button
 
     def _bind_keys(self, target=None) -> None:
         """Bind the shortcuts on the viewer, or on one of our layers (``target``).
@@ -269,13 +212,11 @@ class AnnotatorWidget(QWidget):
 
     def _update_buttons(self) -> None:
         busy = self._worker is not None
-        ready = not busy and self.session.image_shape is not None
         self.model_panel.set_busy(busy)
-        self.embed_button.setEnabled(not busy and self.image.has_choices())
-        for button in (self.segment_button, self.commit_button, self.automatic_button):
-            button.setEnabled(ready)
-        self.commit_automatic_button.setEnabled(not busy and self._has_automatic)
-        self.undo_button.setEnabled(not busy and self.history.can_undo)
+        self.segment_panel.set_state(
+            busy=busy, has_image=self.image.has_choices(), has_embeddings=self.session.image_shape is not None,
+            has_automatic=self._has_automatic, can_undo=self.history.can_undo,
+        )
         self.export_panel.button.setEnabled(not busy and self._plane_key is not None)
 
     def _say(self, text: str) -> None:
@@ -337,8 +278,7 @@ class AnnotatorWidget(QWidget):
         uses_decoder = self.session.automatic_mode == AIS
         method = "its instance decoder" if uses_decoder else "a point grid"
         self.model_panel.show_loaded(model.model_type, model.source, self.session.device, method)
-        self.grid_spin.setEnabled(not uses_decoder)  # the decoder needs no prompt grid
-        self.automatic_settings.set_method(uses_decoder)
+        self.segment_panel.show_automatic_method(uses_decoder)
         if kept and had_image:
             self._say("model loaded; its image encoder is unchanged, so the embeddings were kept")
         elif had_image:
@@ -458,8 +398,7 @@ class AnnotatorWidget(QWidget):
     def _set_prompt_mode(self, mode: str) -> None:
         self._prompt_mode = mode
         self.layers.set_prompt_kind(mode)
-        colour = "green" if mode == POSITIVE else "red"
-        self.prompt_mode_label.setText(f"Next point: <b style='color:{colour}'>{mode}</b>  [T switches]")
+        self.segment_panel.show_prompt_mode(mode)
 
     def toggle_prompt_mode(self) -> None:
         """Switch the next points between positive (on the object) and negative (not on it)."""
@@ -476,7 +415,7 @@ class AnnotatorWidget(QWidget):
             self._say("compute the embeddings first")
             return
         try:
-            objects = object_prompts(self.layers.prompts(), self.batched_check.isChecked())
+            objects = object_prompts(self.layers.prompts(), self.segment_panel.batched())
         except PromptError as error:
             self._say(str(error))
             return
@@ -537,7 +476,7 @@ class AnnotatorWidget(QWidget):
         if self._worker is not None or self.session.image_shape is None:
             self._say("compute the embeddings first")
             return
-        settings = {"points_per_side": self.grid_spin.value(), **self.automatic_settings.values()}
+        settings = self.segment_panel.automatic_values()
 
         def segment_all(progress) -> tuple[np.ndarray, int]:
             labels = self.session.automatic_segmentation(progress, **settings)
