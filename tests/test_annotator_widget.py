@@ -551,6 +551,23 @@ def test_dock_screenshot_is_drawn(annotator, qtbot, tmp_path):
     assert screenshot.shape[1] > widget.width()
 
 
+def test_a_short_dock_scrolls_its_boxes_and_keeps_the_status_line_in_view(annotator, qtbot):
+    """On a laptop's screen, with the fine-tune dock under it, the dock is short: its boxes scroll
+    instead of pushing napari's window past the screen, and the status line, where every message
+    and error appears, stays whole in view. With room, nothing scrolls."""
+    viewer, widget = annotator
+    window, status, scroll_bar = viewer.window._qt_window, widget.status, widget.scroll_area.verticalScrollBar()
+    widget._say("a message long enough to wrap onto a second line of the status line, as the errors "
+                "do, which tell the user in plain words what to do next")
+    window.resize(1200, 440)  # napari's own layer list and controls keep it ~600 px tall
+    qtbot.waitUntil(lambda: scroll_bar.maximum() > 0)
+    assert window.height() < 640  # the dock's boxes alone asked for 630 px: the window grew past a laptop's screen
+    qtbot.waitUntil(lambda: status.visibleRegion().boundingRect().size() == status.size())
+    window.resize(1200, 1100)
+    qtbot.waitUntil(lambda: scroll_bar.maximum() == 0)
+    assert status.y() < widget.scroll_area.geometry().bottom() + 40  # right under the boxes, not at the dock's far end
+
+
 def test_closing_the_image_keeps_its_objects_and_stops_prompting(annotator, qtbot):
     viewer, widget = annotator
     image, _ = synthetic_cells(np.random.default_rng(8), shape=(96, 96), n_channels=1, n_cells=3)

@@ -44,6 +44,7 @@ from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets.annotator_image import ImageChooser
 from napari_raysam.widgets.annotator_panels import ExportPanel, ModelPanel
 from napari_raysam.widgets.annotator_segment import SHORTCUTS, SegmentPanel
+from napari_raysam.widgets.scrolling import ContentScroll
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -160,7 +161,14 @@ class AnnotatorWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self) -> None:
-        layout = QVBoxLayout(self)
+        # the boxes scroll when the dock is short (a laptop's screen, the fine-tune dock under it);
+        # the progress bar and the status line below them stay in view
+        outer = QVBoxLayout(self)
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.scroll_area = ContentScroll(content)
+        outer.addWidget(self.scroll_area)
 
         self.image = ImageChooser(self.viewer)
         self.image.chosen.connect(self._place_layers)
@@ -188,11 +196,11 @@ class AnnotatorWidget(QWidget):
         layout.addWidget(self.export_panel)
 
         self.progress_bar = QProgressBar(visible=False)
-        layout.addWidget(self.progress_bar)
+        outer.addWidget(self.progress_bar)
         self.status = QLabel("Open an image, choose a model, then compute embeddings.", wordWrap=True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        outer.addWidget(self.status)
+        outer.addStretch(1)
         self._set_prompt_mode(POSITIVE)
 
     def _bind_keys(self, target=None) -> None:

@@ -16,14 +16,12 @@ import pyqtgraph
 from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import (
     QAbstractItemView,
-    QFrame,
     QGroupBox,
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
     QProgressBar,
     QPushButton,
-    QScrollArea,
     QTableWidget,
     QTableWidgetItem,
     QVBoxLayout,
@@ -39,6 +37,7 @@ from napari_raysam.runs import RunClient, RunError, RunRecord, RunState, RunUpda
 from napari_raysam.runs.progress import progress_fraction, progress_text, summary_text
 from napari_raysam.widgets.annotator import AnnotatorWidget, annotator_for
 from napari_raysam.widgets.finetune_form import SettingsForm
+from napari_raysam.widgets.scrolling import ContentScroll
 from napari_raysam.widgets.tasks import failure_message, start_task
 
 _USER_ERRORS = (FinetuneError, ClusterError, RunError, DatasetError, ModelError, ConfigError, OSError)
@@ -75,14 +74,12 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self, settings: FinetuneSettings) -> None:
-        # in a scroll area: napari stacks this dock under the annotator, and a squeezed dock
-        # should scroll, not squash its rows
-        scroll = QScrollArea(widgetResizable=True, frameShape=QFrame.Shape.NoFrame)
+        # napari stacks this dock under the annotator: a squeezed dock scrolls, not squashes its rows
         content = QWidget()
-        scroll.setWidget(content)
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
+        self.scroll_area = ContentScroll(content)
+        outer.addWidget(self.scroll_area)
         layout = QVBoxLayout(content)
         self.form = SettingsForm(settings)
         layout.addWidget(self.form)
