@@ -166,6 +166,9 @@ def run_demo(
     (output / "summary.json").write_text(json.dumps(summary, indent=2))
     log(f"fine-tuned model: {model_folder}")
     log(f"figure: {figure}")
+    if cluster.is_local:  # started for this demo, or found running: either way it outlives the demo
+        log(f"the local Ray cluster keeps running for the next run (its dashboard: {cluster.dashboard_url}); "
+            "`napari-raysam cluster stop` stops it")
     return summary
 
 
