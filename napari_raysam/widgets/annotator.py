@@ -44,7 +44,6 @@ from napari_raysam.annotator.session import AIS, SamSession, SessionError
 from napari_raysam.widgets.annotator_image import ImageChooser
 from napari_raysam.widgets.annotator_panels import ExportPanel, ModelPanel
 from napari_raysam.widgets.annotator_segment import SHORTCUTS, SegmentPanel
-from napari_raysam.widgets.scrolling import ContentScroll
 from napari_raysam.widgets.annotator_series import SeriesPanel
 from napari_raysam.widgets.annotator_layers import (
     AUTOMATIC_LAYER,
@@ -54,6 +53,7 @@ from napari_raysam.widgets.annotator_layers import (
     POINTS_LAYER,
     AnnotatorLayers,
 )
+from napari_raysam.widgets.scrolling import ContentScroll
 from napari_raysam.widgets.tasks import failure_message, start_task, stop_if_closing
 
 _AUTOSAVE_DELAY_MS = 500  # hand painting autosaves once the brush rests this long

@@ -26,6 +26,7 @@ SHORTCUTS = {
     **annotator_series.SHORTCUTS,
 }
 
+
 class SegmentPanel(QGroupBox):
     """Buttons and settings of interactive and automatic segmentation.
 
@@ -80,7 +81,7 @@ class SegmentPanel(QGroupBox):
 
     def show_prompt_mode(self, mode: str) -> None:
         colour = "green" if mode == POSITIVE else "red"
-        self.prompt_mode_label.setText(f"Next point: <b style='color:{colour}'>{mode}</b>  [T switches]")
+        self.prompt_mode_label.setText(f"Next point: <b style='color:{colour}'>{mode}</b>  [{SHORTCUTS['toggle']} switches]")
 
     def show_automatic_method(self, uses_decoder: bool) -> None:
         """Enable the settings of the loaded model's automatic method (the instance decoder needs no grid)."""
