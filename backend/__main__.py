@@ -15,7 +15,7 @@ import json
 import sys
 
 from backend.config import ConfigError, TrainConfig
-from backend.cpu_priority import RAY_WORKER_NICENESS, lower_cpu_priority
+from backend.cpu_priority import RAY_WORKER_NICENESS, lower_cpu_priority, use_reserved_cpus
 from backend.storage import StorageError
 
 
@@ -39,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
             if not args.no_ray:  # the job's driver trains, as a Ray Train worker would: at its niceness, so
                 # napari beside the run keeps the cores first, on the CPUs the job reserved (entrypoint_num_cpus)
                 lower_cpu_priority(RAY_WORKER_NICENESS)
-                import torch
-
-                torch.set_num_threads(config.cpus_per_worker)
+                use_reserved_cpus(config.cpus_per_worker)
             from backend.training import train as train_locally
 
             model = train_locally(config)

@@ -25,6 +25,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from backend.config import TrainConfig
+from backend.cpu_priority import use_reserved_cpus
 from backend.run_directory import RunDirectory
 from backend.storage import Location, StorageError, ray_storage, refused_write
 
@@ -36,14 +37,17 @@ def train_loop_per_worker(config_values: dict) -> None:
     # Imported here, in the worker: the driver and Ray Train's controller only pass this function
     # around, and the trainer's imports (PyTorch, segment-anything) cost each process seconds.
     import ray.train.torch
+    import torch
 
     from backend.training import SamFineTuner, save_state
 
     config = TrainConfig.from_dict(config_values)
+    use_reserved_cpus(config.cpus_per_worker)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     # Ray's node id, not Ray Train's node rank: that groups workers by IP, and nodes may share one
-    print(f"rank {rank} of {world_size} on Ray node {ray.get_runtime_context().get_node_id()[:12]}", flush=True)
+    node = ray.get_runtime_context().get_node_id()[:12]
+    print(f"rank {rank} of {world_size} on Ray node {node} (PyTorch threads: {torch.get_num_threads()})", flush=True)
     run = RunDirectory(config)
     tuner = SamFineTuner(
         config,

@@ -6,9 +6,10 @@ Runs the real command line (``napari-raysam train``) against the embedded local 
 "Time to first step" runs from the command's start until ``progress.json`` reports step 1.
 Then decoder-mode vit_t on the real HeLa frames with 1 and with 2 workers (the machine's
 cores shared between them); samples/s is the mean over epochs after the first. The
-cluster is stopped at the end by the ids of its own processes.
+cluster is stopped at the end by the ids of its own processes. ``--omp-threads N`` starts the
+cluster from an environment with ``OMP_NUM_THREADS=N``, as a shell or an HPC module may set it.
 
-    .venv/bin/python bench/ray_workers.py [--epochs 3] [--objects 4]
+    .venv/bin/python bench/ray_workers.py [--epochs 3] [--objects 4] [--omp-threads N]
 """
 
 from __future__ import annotations
@@ -54,14 +55,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--objects", type=int, default=4)
+    parser.add_argument("--omp-threads", type=int, help="OMP_NUM_THREADS where the cluster starts (default: unset)")
     args = parser.parse_args()
     print(machine())
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     os.environ["NAPARI_RAYSAM_HOME"] = str(work / "state")
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ.pop("OMP_NUM_THREADS", None)
+    if args.omp_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.omp_threads)
     data = hela_dataset(work / "data")
     storage = work / "runs"
-    result = {"machine": machine(), "epochs": args.epochs, "objects_per_batch": args.objects}
+    result = {"machine": machine(), "epochs": args.epochs, "objects_per_batch": args.objects,
+              "omp_num_threads": args.omp_threads}
     try:
         for label, workers in (("cold_1_worker", 1), ("warm_1_worker", 1), ("warm_2_workers", 2)):
             first_step, metrics = run(train_command(data, storage, label, args, workers), storage / label)
@@ -72,9 +78,9 @@ def main() -> None:
             }
             print(f"{label}: first step after {first_step:.1f} s, {result[label]['samples_per_s']:.3f} samples/s", flush=True)
     finally:
-        running = clusters.running_local_cluster()
-        if running is not None:
-            clusters.stop_local_cluster(running)
+        recorded = clusters.recorded_local_cluster()
+        if recorded is not None:
+            clusters.stop_local_cluster(recorded)
     result["speedup_2_over_1"] = result["warm_2_workers"]["samples_per_s"] / result["warm_1_worker"]["samples_per_s"]
     print(json.dumps(result, indent=2))
 

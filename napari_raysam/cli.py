@@ -332,16 +332,15 @@ def _runs(args: argparse.Namespace) -> int:
 def _cluster(action: str) -> int:
     from napari_raysam import cluster
 
-    running = cluster.running_local_cluster()
     if action == "start":
-        running = running or cluster.start_local_cluster()
-        print(f"local Ray cluster at {running.dashboard_url}")
+        print(f"local Ray cluster at {cluster.start_local_cluster().dashboard_url}")
     elif action == "status":
+        running = cluster.running_local_cluster()
         print(f"local Ray cluster at {running.dashboard_url}" if running else "no local Ray cluster running")
-    elif running:
-        print(f"stopped {cluster.stop_local_cluster(running)} processes")
-    else:
-        print("no local Ray cluster running")
+    else:  # stop: also what is left of one that no longer answers (its dashboard died, say)
+        recorded = cluster.recorded_local_cluster()
+        stopped = cluster.stop_local_cluster(recorded) if recorded is not None else 0
+        print(f"stopped {stopped} processes" if stopped else "no local Ray cluster running")
     return 0
 
 

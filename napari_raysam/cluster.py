@@ -159,17 +159,24 @@ def local_environment(token_path: Path) -> dict[str, str]:
     }
 
 
-def running_local_cluster() -> Cluster | None:
-    """The embedded cluster recorded in the state folder, if it still answers."""
+def recorded_local_cluster() -> Cluster | None:
+    """The embedded cluster recorded in the state folder, whether it still answers or not."""
     try:
         recorded = json.loads(_state_file().read_text())
         token = Path(recorded["token_path"]).read_text().strip()
     except (OSError, ValueError, KeyError):
         return None
-    cluster = Cluster(
+    return Cluster(
         dashboard_url=recorded["dashboard_url"], token=token,
         temp_dir=recorded["temp_dir"], gcs_address=recorded["gcs_address"],
     )
+
+
+def running_local_cluster() -> Cluster | None:
+    """The embedded cluster recorded in the state folder, if it still answers."""
+    cluster = recorded_local_cluster()
+    if cluster is None:
+        return None
     try:
         check(cluster, timeout=3)
     except ClusterError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -53,10 +54,13 @@ def decoder_model(tmp_path_factory, decoder_state) -> str:
 
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
-    """This test session's own Ray head on 127.0.0.1 (2 CPUs), stopped by its processes' ids."""
+    """This test session's own Ray head on 127.0.0.1 (2 CPUs), stopped by its processes' ids.
+
+    Started from a shell that sets ``OMP_NUM_THREADS`` to the machine's cores, as HPC environments
+    do: Ray's processes inherit it, and each run must still use the CPUs it reserved."""
     from napari_raysam import cluster as clusters
 
-    with state_folder(tmp_path_factory.mktemp("ray_state")):
+    with state_folder(tmp_path_factory.mktemp("ray_state")), mock.patch.dict(os.environ, OMP_NUM_THREADS="2"):
         cluster = clusters.start_local_cluster(num_cpus=2)
     yield cluster
     clusters.stop_local_cluster(cluster)

@@ -121,7 +121,8 @@ def test_round_trip_annotate_fine_tune_and_the_annotator_uses_the_new_model(dock
     assert screenshot.std() > 0
     iio.imwrite(tmp_path.parent / "window_with_docks.png", screenshot)
     dock.resize(460, dock.height())
-    dock.scroll_area.widget().grab().save(str(tmp_path.parent / "finetune_dock.png"))  # all of it, scrolled or not
+    dock.scroll_area.widget().grab().save(str(tmp_path.parent / "finetune_dock.png"))  # the scrolling part, all of it
+    dock.grab().save(str(tmp_path.parent / "finetune_dock_shown.png"))  # as shown: the buttons, progress, status below
 
     # a second click exports nothing twice: the images are unchanged
     click(qtbot, dock.finetune_button)
@@ -241,3 +242,29 @@ def test_an_annotator_opened_after_the_dock_is_followed(make_napari_viewer, qtbo
     qtbot.waitUntil(lambda: "random:tiny" in dock.form.model_edit.placeholderText(), timeout=120_000)
     assert dock.annotator() is annotator
 
+
+
+def test_on_a_laptop_screen_both_docks_keep_their_buttons_progress_and_messages_in_view(make_napari_viewer, qtbot, tmp_path):
+    """napari stacks the fine-tune dock under the annotator. In a 740 px window (a 768 px laptop screen) it
+    got ~80 px: its settings' first rows, while its buttons, its progress bar and its status line, where
+    every error appears, lay below, reachable only by scrolling. Now they stay in view under the scrolling
+    part, as the annotator's status line does, and napari's window stays on the screen."""
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    window.resize(1300, 740)
+    annotator = AnnotatorWidget(viewer, cache_dir=tmp_path / "cache")
+    viewer.window.add_dock_widget(annotator, name="SAM annotator")
+    dock = FinetuneWidget(viewer)
+    viewer.window.add_dock_widget(dock, name="Fine-tune")
+    dock._say("a message long enough to wrap onto a second line of the status line, as the errors do, "
+              "which tell the user in plain words what to do next")
+
+    def whole(widget) -> bool:
+        return widget.isVisible() and widget.visibleRegion().boundingRect().size() == widget.size()
+
+    qtbot.waitUntil(lambda: dock.scroll_area.verticalScrollBar().maximum() > 0)  # the settings scroll
+    for widget in (dock.finetune_button, dock.cancel_button, dock.state_label, dock.progress_bar, dock.status,
+                   annotator.status):
+        qtbot.waitUntil(lambda widget=widget: whole(widget))
+    assert window.height() < 768
+    iio.imwrite(tmp_path.parent / "both_docks_laptop.png", viewer.screenshot(canvas_only=False, flash=False))

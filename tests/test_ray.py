@@ -45,6 +45,9 @@ def test_two_workers_train_and_export(ray_cluster, cell_dataset, tmp_path):
     log = "".join(update.new_log for update in updates)
     assert "world_size=2" in log
     assert log.count("world_size=2") == 1  # the log arrives once, not re-read on every poll
+    # one PyTorch thread per reserved CPU, whatever OMP_NUM_THREADS Ray inherited (conftest: 2): 2 x 2 threads
+    # on 2 cores trained an epoch ~4x slower
+    assert set(re.findall(r"rank (\d) of 2 on Ray node \w+ \(PyTorch threads: 1\)", log)) == {"0", "1"}, log
     assert [m["epoch"] for m in MetricsReader(config.run_dir).read()] == [0, 1]
     progress = read_progress(config.run_dir)
     assert progress["epoch"] == 1 and progress["step"] == progress["steps_per_epoch"]
@@ -296,7 +299,9 @@ def test_ray_client_addresses_are_refused_with_the_alternative():
         clusters.connect("ray://head:10001")
 
 
-def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(monkeypatch, tmp_path):
+def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(capsys):
+    """Reused while it answers; `napari-raysam cluster stop` stops its processes, even once its dashboard
+    has died (then nothing answers, and the rest of it ran on, holding memory, with no verb to stop it)."""
     first = clusters.start_local_cluster(num_cpus=1)
     try:
         started = {p.pid for p in clusters.local_cluster_processes(first)}
@@ -307,7 +312,14 @@ def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(monkeyp
             if c.status == psutil.CONN_LISTEN and c.pid in started
         }
         assert listening and all(is_loopback_host(ip) for ip in listening), listening
+        [dashboard] = [psutil.Process(pid) for pid in _pids_running(first, "dashboard/dashboard.py")]
+        dashboard.kill()
+        psutil.wait_procs([dashboard], timeout=10)
+        assert clusters.running_local_cluster() is None  # it no longer answers
+        assert main(["cluster", "stop"]) == 0
+        assert re.fullmatch(r"stopped \d+ processes\n", capsys.readouterr().out)
     finally:
         clusters.stop_local_cluster(first)
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in started)
-    assert clusters.running_local_cluster() is None
+    assert main(["cluster", "stop"]) == 0
+    assert capsys.readouterr().out == "no local Ray cluster running\n"

@@ -373,8 +373,9 @@ class AnnotatorWidget(QWidget):
         height, width = self.session.image_shape
         tiled = " (tiled)" if self.session.tiled else ""
         self._say(
-            f"{restored}embeddings ready for {height} x {width}{tiled}. Click cells in '{POINTS_LAYER}' (T switches "
-            f"positive/negative) or draw boxes in '{BOXES_LAYER}', then Segment [S] and Commit [C]"
+            f"{restored}embeddings ready for {height} x {width}{tiled}. Click cells in '{POINTS_LAYER}' "
+            f"({SHORTCUTS['toggle']} switches positive/negative) or draw boxes in '{BOXES_LAYER}', "
+            f"then Segment [{SHORTCUTS['segment']}] and Commit [{SHORTCUTS['commit']}]"
         )
         self.viewer.layers.selection.active = self._layer(POINTS_LAYER)
         self._layer(POINTS_LAYER).mode = "add"
@@ -452,7 +453,7 @@ class AnnotatorWidget(QWidget):
         then clear the prompts."""
         current = self._layer(CURRENT_LAYER)
         if current is None or not current.data.any():
-            self._say("nothing to commit: Segment [S] an object first")
+            self._say(f"nothing to commit: Segment [{SHORTCUTS['segment']}] an object first")
             return
         committed = self._layer(COMMITTED_LAYER)
         try:

@@ -74,7 +74,8 @@ class FinetuneWidget(QWidget):
 
     # ------------------------------------------------------------------ UI
     def _build_ui(self, settings: FinetuneSettings) -> None:
-        # napari stacks this dock under the annotator: a squeezed dock scrolls, not squashes its rows
+        # napari stacks this dock under the annotator: a squeezed dock scrolls its settings, plot and
+        # history; the buttons, the run's progress and the status line stay in view below them
         content = QWidget()
         outer = QVBoxLayout(self)
         outer.setContentsMargins(0, 0, 0, 0)
@@ -84,7 +85,7 @@ class FinetuneWidget(QWidget):
         self.form = SettingsForm(settings)
         layout.addWidget(self.form)
 
-        row = QHBoxLayout()
+        actions = QHBoxLayout()
         self.finetune_button = QPushButton("Fine-tune on cluster", toolTip="Export what is new, train, follow the run")
         self.finetune_button.clicked.connect(self.fine_tune)
         self.cancel_button = QPushButton("Cancel", toolTip="Stop the run on the cluster")
@@ -96,13 +97,9 @@ class FinetuneWidget(QWidget):
         self.load_button = QPushButton("Load model", toolTip="Load the finished run's model into the annotator")
         self.load_button.clicked.connect(lambda: self._load_model(self._pending_model))
         for button in (self.finetune_button, self.cancel_button, self.resume_button, self.load_button):
-            row.addWidget(button)
-        layout.addLayout(row)
-
+            actions.addWidget(button)
         self.state_label = QLabel("no run yet", wordWrap=True)
-        layout.addWidget(self.state_label)
         self.progress_bar = QProgressBar(minimum=0, maximum=1000, format="%p%")
-        layout.addWidget(self.progress_bar)
         self.plot = pyqtgraph.GraphicsLayoutWidget()
         self.plot.setBackground("#262930")  # napari's dark theme
         self.plot.setFixedHeight(190)
@@ -148,8 +145,13 @@ class FinetuneWidget(QWidget):
 
         self.status = QLabel("", wordWrap=True)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        layout.addWidget(self.status)
-        layout.addStretch(1)
+        always_shown = QVBoxLayout()
+        always_shown.setContentsMargins(9, 0, 9, 9)
+        always_shown.addLayout(actions)
+        for widget in (self.state_label, self.progress_bar, self.status):
+            always_shown.addWidget(widget)
+        outer.addLayout(always_shown)
+        outer.addStretch(1)
         self._update_buttons()
 
     def _say(self, text: str) -> None:
