@@ -42,6 +42,11 @@ _AGENT_NOT_READY = "No available agent"
 """Ray's Jobs API, on a head whose job agent has not started yet (just after ``ray start``)."""
 AGENT_WAIT_S = 30
 """How long ``submit`` waits for that agent, asking once a second."""
+# Every job: each worker's line naming its rank and Ray node (backend.ray_train prints them) shown. Ray's
+# driver folds lines from several workers that differ only in words with digits, within 5 s, into the
+# first one's text ("[repeated 2x across cluster]"), and a line repeated once is dropped: the log
+# showed rank 0's node only.
+JOB_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r"rank \d+ of \d+ on Ray node "}
 # A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
 # helpers off. The preemption watcher is one more process (an interpreter importing Ray) started
 # while the training worker imports PyTorch on the same cores, and a desktop is never preempted;
@@ -160,7 +165,7 @@ class RunClient:
         # moment it starts, Ray signals the shell before it has forked, and the driver trained on,
         # orphaned, holding the cluster's CPUs (seen when Cancel was pressed while the run was pending).
         entrypoint = f"exec python -m backend train --config {shlex.quote(json.dumps(config.to_dict()))}"
-        env_vars = _local_job_env() if self.cluster.is_local else {}
+        env_vars = {**JOB_ENV, **(_local_job_env() if self.cluster.is_local else {})}
         metadata = {
             "app": APP, "run_name": name, "run_dir": str(config.run_dir), "base_model": config.model,
             "mode": config.mode, "dataset": config.data, "images": "" if images is None else str(images),
