@@ -16,7 +16,7 @@ import sys
 
 from backend.config import ConfigError, TrainConfig
 from backend.cpu_priority import RAY_WORKER_NICENESS, lower_cpu_priority, use_reserved_cpus
-from backend.storage import StorageError
+from backend.failures import said_errors
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
 
             ray.init()  # inside a Ray job this connects to the job's cluster
             model = run(config)
-    except StorageError as error:  # one line, which the run client shows as the reason the run failed
+    except said_errors() as error:  # one line, which the run client shows as the reason the run failed
         print(f"error: {error}", file=sys.stderr, flush=True)
         return 1
     print(f"model written to {model}")

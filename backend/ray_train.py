@@ -26,6 +26,7 @@ from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from backend.config import TrainConfig
 from backend.cpu_priority import use_reserved_cpus
+from backend.failures import said_errors
 from backend.run_directory import RunDirectory
 from backend.storage import Location, StorageError, ray_storage, refused_write
 
@@ -132,15 +133,16 @@ def run(config: TrainConfig) -> Location:
     try:
         trainer.fit()
     except ray.train.TrainingFailedError as error:
-        refused = _storage_failure(error, run_dir)
-        if refused is None:
+        said = _said_failure(error, run_dir)
+        if said is None:
             raise
-        raise refused from error
+        raise said from error
     return config.run_dir / "model"
 
 
-def _storage_failure(error: ray.train.TrainingFailedError, run_dir: RunDirectory) -> StorageError | None:
-    """The storage error that ended a Ray Train run, if storage is what failed, else None.
+def _said_failure(error: ray.train.TrainingFailedError, run_dir: RunDirectory) -> Exception | None:
+    """The error that ended a Ray Train run in its own words (``backend.failures.said_errors``: a storage
+    that refused a write, a model or dataset that cannot be read), else None.
 
     Ray Train reports a worker's exception wrapped with its traceback (``_base_exc``, the one way
     to reach it in Ray 2.x) and its controller's own failure apart; a controller that cannot
@@ -148,7 +150,7 @@ def _storage_failure(error: ray.train.TrainingFailedError, run_dir: RunDirectory
     """
     for failure in getattr(error, "worker_failures", {}).values():
         cause = getattr(failure, "_base_exc", failure)
-        if isinstance(cause, StorageError):
+        if isinstance(cause, said_errors()):
             return cause
     controller = getattr(error, "controller_failure", None)
     if isinstance(controller, OSError):

@@ -182,6 +182,7 @@ def test_a_failing_job_says_why(docks, qtbot, tmp_path):
     click(qtbot, dock.finetune_button)
     assert wait_until_ended(qtbot, dock) == RunState.FAILED
     assert f"run '{dock.run_name}' failed" in dock.status.text()
+    assert "broken.pt" in dock.status.text(), dock.status.text()  # the reason itself, not "exit code 1"
     assert "broken.pt" in dock.log_view.toPlainText()
 
 
