@@ -115,6 +115,7 @@ class EventLoop:
         beats = np.array([b for b in self.beats if start <= b <= end])
         gaps = np.diff(beats) * 1000 if len(beats) > 1 else np.array([0.0])
         return {"max_stall_ms": round(float(gaps.max()), 1), "gaps_over_100ms": int((gaps > 100).sum()),
+                "longest_stalls_ms": [round(float(gap), 1) for gap in sorted(gaps, reverse=True)[:5]],
                 "action_to_done_s": round(times["done"] - times["action"], 3) if "done" in times else None,
                 "timed_out": "done" not in times, "full_gc_ms": self.collections.within(start, end)}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from backend.dataset import open_dataset
 from backend.models import load_model, save_model_folder
 from napari_raysam import cluster as clusters
 from napari_raysam.annotator.annotations import AnnotationStore
+from napari_raysam.annotator.prompts import NEGATIVE
 from napari_raysam.llvm_clash import keep_triton_out_if_llvm_is_loaded
 from napari_raysam.widgets import annotator as annotator_module
 from napari_raysam.widgets.dock import LoadingDock
@@ -32,6 +34,7 @@ from napari_raysam.widgets.annotator import (
     AnnotatorWidget,
     annotator_for,
 )
+from qt_helpers import click, wholly_in_view
 from synthetic import synthetic_cells
 
 WORKER_TIMEOUT_MS = 120_000
@@ -66,11 +69,6 @@ def embed(qtbot, widget: AnnotatorWidget) -> None:
     load_tiny_model(qtbot, widget)
     click(qtbot, widget.segment_panel.embed_button)
     wait_for_worker(qtbot, widget)
-
-
-def click(qtbot, button) -> None:
-    assert button.isEnabled(), button.text()
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
 def shown_proposal(viewer, image_name: str) -> np.ndarray:
@@ -382,12 +380,15 @@ def test_model_switch_keeps_embeddings_only_when_the_encoder_is_unchanged(annota
     assert widget.session.model.source == str(tmp_path / "run-1" / "model")
     assert widget.segment_panel.segment_button.isEnabled()
 
-    # another image encoder: the embeddings are recomputed without asking
+    # another image encoder: the embeddings are recomputed without asking, and the point layer the
+    # user deleted meanwhile comes back to take the next clicks
+    viewer.layers.remove(POINTS_LAYER)
     _saved_variant(tmp_path / "encoder-tuned", "image_encoder")
     widget.model_panel.combo.setCurrentText(str(tmp_path / "encoder-tuned"))
     click(qtbot, widget.model_panel.load_button)
     qtbot.waitUntil(lambda: "embeddings ready" in widget.status.text(), timeout=WORKER_TIMEOUT_MS)
     assert widget.session.model.encoder_fingerprint != first
+    assert viewer.layers.selection.active is viewer.layers[POINTS_LAYER]
 
 
 def test_a_checkpoint_of_another_architecture_is_refused_in_plain_words(annotator, qtbot, tmp_path):
@@ -444,6 +445,7 @@ NAPARI_FIRST = """
 import time
 
 import napari
+from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QApplication
 
 
@@ -454,12 +456,24 @@ def wait_until(condition):
 
 
 viewer = napari.Viewer()  # its OpenGL context exists before napari imports the plugin, as in a user's napari
-_, finetune = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")
-assert finetune.widget is None, "the dock was built on napari's thread"  # its module loads in the background
-wait_until(lambda: finetune.widget is not None)
-_, annotator = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
-assert annotator.widget is not None  # its module came with the fine-tune dock's: built at once
 viewer.open_sample("napari-raysam", "hela")
+turns, made = [0], []  # turns of napari's event loop; the turn each layer was made in
+counter = QTimer(interval=0)
+counter.timeout.connect(lambda: turns.__setitem__(0, turns[0] + 1))
+counter.start()
+viewer.layers.events.inserted.connect(lambda event: made.append(turns[0]))
+_, annotator = viewer.window.add_plugin_dock_widget("napari-raysam", "SAM annotator")
+assert annotator.widget is None, "the dock was built on napari's thread"  # its module loads in the background
+wait_until(lambda: annotator.widget is not None)
+print("turns at each layer", made)
+from napari_raysam.widgets.annotator import POINTS_LAYER, SHORTCUTS  # imported by now
+
+points = viewer.layers[POINTS_LAYER]  # made before the dock was built: its keys are the dock's
+toggle = next(action for key, action in points.keymap.items() if str(key) == SHORTCUTS["toggle"])
+toggle(points)
+print("prompt mode after T", annotator.widget._prompt_mode)
+_, finetune = viewer.window.add_plugin_dock_widget("napari-raysam", "Fine-tune")
+wait_until(lambda: finetune.widget is not None)
 wait_until(lambda: finetune.widget._task is None)  # its look for a running cluster
 print("opened", [layer.name for layer in viewer.layers], finetune.widget.status.text())
 viewer.close()
@@ -474,6 +488,11 @@ def test_napari_survives_opening_the_docks_and_sample_from_its_menus():
     assert "opened" in stdout and "HeLa" in stdout
     assert "starts with the first fine-tune" in stdout  # and none was started
     assert clusters.running_local_cluster() is None
+    # the dock's five layers were made one per turn of napari's event loop (at once they held it ~1 s),
+    # and the dock took them as its own
+    turns = json.loads(stdout.split("turns at each layer ")[1].splitlines()[0])
+    assert len(turns) == 5 and turns == sorted(set(turns)), turns
+    assert f"prompt mode after T {NEGATIVE}" in stdout
 
 
 CLOSED_WHILE_LOADING = """
@@ -562,7 +581,7 @@ def test_a_short_dock_scrolls_its_boxes_and_keeps_the_status_line_in_view(annota
     window.resize(1200, 440)  # napari's own layer list and controls keep it ~600 px tall
     qtbot.waitUntil(lambda: scroll_bar.maximum() > 0)
     assert window.height() < 640  # the dock's boxes alone asked for 630 px: the window grew past a laptop's screen
-    qtbot.waitUntil(lambda: status.visibleRegion().boundingRect().size() == status.size())
+    qtbot.waitUntil(lambda: wholly_in_view(status))
     window.resize(1200, 1100)
     qtbot.waitUntil(lambda: scroll_bar.maximum() == 0)
     assert status.y() < widget.scroll_area.geometry().bottom() + 40  # right under the boxes, not at the dock's far end

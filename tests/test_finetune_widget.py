@@ -11,7 +11,6 @@ import json
 import imageio.v3 as iio
 import numpy as np
 import pytest
-from qtpy.QtCore import Qt
 
 from backend.dataset import open_dataset
 from napari_raysam import cluster as clusters
@@ -19,17 +18,13 @@ from napari_raysam.finetune import SETTINGS_FILE
 from napari_raysam.runs import RunState
 from napari_raysam.widgets.annotator import COMMITTED_LAYER, CURRENT_LAYER, AnnotatorWidget
 from napari_raysam.widgets.finetune import FinetuneWidget
+from qt_helpers import click, wholly_in_view
 from synthetic import synthetic_cells
 
 pytestmark = pytest.mark.ray
 
 RUN_TIMEOUT_MS = 400_000
 SMALL_RUN = {"epochs": 2, "objects_per_batch": 2, "workers": 1}
-
-
-def click(qtbot, button) -> None:
-    assert button.isEnabled(), button.text()
-    qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
 
 
 def write_settings(tmp_path, cluster, **values) -> None:
@@ -244,7 +239,6 @@ def test_an_annotator_opened_after_the_dock_is_followed(make_napari_viewer, qtbo
     assert dock.annotator() is annotator
 
 
-
 def test_on_a_laptop_screen_both_docks_keep_their_buttons_progress_and_messages_in_view(make_napari_viewer, qtbot, tmp_path):
     """napari stacks the fine-tune dock under the annotator. In a 740 px window (a 768 px laptop screen) it
     got ~80 px: its settings' first rows, while its buttons, its progress bar and its status line, where
@@ -260,12 +254,9 @@ def test_on_a_laptop_screen_both_docks_keep_their_buttons_progress_and_messages_
     dock._say("a message long enough to wrap onto a second line of the status line, as the errors do, "
               "which tell the user in plain words what to do next")
 
-    def whole(widget) -> bool:
-        return widget.isVisible() and widget.visibleRegion().boundingRect().size() == widget.size()
-
     qtbot.waitUntil(lambda: dock.scroll_area.verticalScrollBar().maximum() > 0)  # the settings scroll
     for widget in (dock.finetune_button, dock.cancel_button, dock.state_label, dock.progress_bar, dock.status,
                    annotator.status):
-        qtbot.waitUntil(lambda widget=widget: whole(widget))
+        qtbot.waitUntil(lambda widget=widget: wholly_in_view(widget))
     assert window.height() < 768
     iio.imwrite(tmp_path.parent / "both_docks_laptop.png", viewer.screenshot(canvas_only=False, flash=False))

@@ -42,10 +42,10 @@ _AGENT_NOT_READY = "No available agent"
 """Ray's Jobs API, on a head whose job agent has not started yet (just after ``ray start``)."""
 AGENT_WAIT_S = 30
 """How long ``submit`` waits for that agent, asking once a second."""
-# Every job: each worker's line naming its rank and Ray node (backend.ray_train prints them) shown. Ray's
-# driver folds lines from several workers that differ only in words with digits, within 5 s, into the
-# first one's text ("[repeated 2x across cluster]"), and a line repeated once is dropped: the log
-# showed rank 0's node only.
+# Every job keeps each worker's "rank R of W on Ray node N" line (backend.ray_train prints them) in its
+# log. Without this, Ray's driver folds lines from several workers that differ only in words with digits,
+# within 5 s, into the first one's text ("[repeated 2x across cluster]"), and drops a line repeated once:
+# the log showed rank 0's node only.
 JOB_ENV = {"RAY_DEDUP_LOGS_ALLOW_REGEX": r"rank \d+ of \d+ on Ray node "}
 # A job on a cluster we started on this machine: every Ray port on 127.0.0.1, and two of Ray Train's
 # helpers off. The preemption watcher is one more process (an interpreter importing Ray) started

@@ -117,10 +117,10 @@ class AnnotatorWidget(QWidget):
         self._autosave_timer = QTimer(self, singleShot=True, interval=_AUTOSAVE_DELAY_MS)
         self._autosave_timer.timeout.connect(self._autosave)
 
-        self.layers = AnnotatorLayers(napari_viewer, on_created=self._layer_created)
+        self.layers = AnnotatorLayers(napari_viewer, on_taken=self._layer_taken)
         self._build_ui()
         self._bind_keys()
-        self.layers.create_missing()  # now, once: adding a layer stalls napari for 0.2-0.6 s once a large image is open
+        self.layers.create_missing()  # now, once (or taken, made before): adding a layer stalls napari for 0.2-0.6 s once a large image is open
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_image_choices)
         self.viewer.dims.events.current_step.connect(self._on_slice_change)
@@ -377,6 +377,7 @@ class AnnotatorWidget(QWidget):
             f"({SHORTCUTS['toggle']} switches positive/negative) or draw boxes in '{BOXES_LAYER}', "
             f"then Segment [{SHORTCUTS['segment']}] and Commit [{SHORTCUTS['commit']}]"
         )
+        self.layers.create_missing()  # one the user deleted comes back
         self.viewer.layers.selection.active = self._layer(POINTS_LAYER)
         self._layer(POINTS_LAYER).mode = "add"
         self.series.refresh()  # now the next image can be made ready
@@ -398,7 +399,7 @@ class AnnotatorWidget(QWidget):
         self._has_automatic = False
         self._set_prompt_mode(self._prompt_mode)
 
-    def _layer_created(self, name: str, layer) -> None:
+    def _layer_taken(self, name: str, layer) -> None:
         self._bind_keys(layer)
         if name == COMMITTED_LAYER:
             layer.events.paint.connect(lambda event: self._autosave_timer.start())

@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 import napari
 import numpy as np
-from napari.layers import Image, Layer
+from napari.layers import Image, Labels, Layer
 
 from napari_raysam.annotator.prompts import NEGATIVE, POSITIVE, Prompts, prompts_from_layers
 
@@ -15,7 +15,11 @@ BOXES_LAYER = "SAM box prompts"
 CURRENT_LAYER = "SAM current object"
 COMMITTED_LAYER = "SAM committed objects"
 AUTOMATIC_LAYER = "SAM automatic segmentation"
+LAYER_NAMES = (COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER)
+"""The five layers, bottom to top."""
 
+_LABELS = {COMMITTED_LAYER: (np.uint32, 0.7), AUTOMATIC_LAYER: (np.uint32, 0.5), CURRENT_LAYER: (np.uint8, 0.6)}
+"""The labels layers' pixel type and opacity (0.7: napari's default)."""
 _PROMPT_COLORS = ["#00ff00", "#ff0000"]  # positive green, negative red, as micro-sam
 _EMPTY_SHAPE = (1, 1)
 CLEARED_IN_PLACE_PIXELS = 2048 * 2048
@@ -25,6 +29,14 @@ CLEARED_IN_PLACE_PIXELS = 2048 * 2048
 def _empty(dtype) -> np.ndarray:
     """What an empty labels layer holds: one unlabelled pixel (napari needs some data)."""
     return np.zeros(_EMPTY_SHAPE, dtype)
+
+
+def warm_up_labels() -> None:
+    """Make napari ready to colour our labels layers, in any thread: the first labels layer of a pixel
+    type loads napari's colour lookup from numba's cache (0.3-0.4 s), which on napari's thread, as
+    the dock is built, froze it meanwhile. The layers made here are never shown."""
+    for dtype in {dtype for dtype, _ in _LABELS.values()}:
+        Labels(_empty(dtype))
 
 
 class AnnotatorLayers:
@@ -37,52 +49,71 @@ class AnnotatorLayers:
     10,000 x 10,000. A labels layer with nothing to show holds a single empty pixel at the image's
     origin (:func:`_empty`), so that opening an image costs the dock no full-size arrays.
 
-    ``on_created(name, layer)`` is called for each layer this creates (for key bindings, events).
+    ``on_taken(name, layer)`` is called once for each layer this starts using (for key bindings,
+    events): one it creates, or one it finds in the viewer (made before the dock was built,
+    :meth:`creation_steps`, or by an earlier dock).
     """
 
-    def __init__(self, viewer: napari.viewer.Viewer, on_created: Callable[[str, Layer], None]) -> None:
+    def __init__(self, viewer: napari.viewer.Viewer, on_taken: Callable[[str, Layer], None]) -> None:
         self.viewer = viewer
-        self._on_created = on_created
+        self._on_taken = on_taken
+        self._taken: dict[str, Layer] = {}
         self._scale, self._translate = np.ones(2), np.zeros(2)  # the image's last two axes (:meth:`place`)
+        self._point_size = 8.0
 
     def get(self, name: str) -> Layer | None:
         """The layer called ``name``, or None (the user may have deleted it)."""
         return self.viewer.layers[name] if name in self.viewer.layers else None
 
+    def creation_steps(self) -> list[Callable[[], None]]:
+        """One call per missing layer, each creating it: for napari's thread to run one per turn of its
+        event loop, so that it draws and answers between them (0.1-0.4 s each; five at once held it ~1 s)."""
+        return [lambda name=name: self._create(name) for name in LAYER_NAMES if self.get(name) is None]
+
     def create_missing(self) -> None:
         """Create those of the five layers that do not exist (all at first; one the user deleted),
-        empty and placed at the world's origin until :meth:`place` aligns them with an image."""
-        create = {
-            COMMITTED_LAYER: lambda: self.viewer.add_labels(_empty(np.uint32), name=COMMITTED_LAYER),
-            AUTOMATIC_LAYER: lambda: self.viewer.add_labels(_empty(np.uint32), name=AUTOMATIC_LAYER, opacity=0.5),
-            CURRENT_LAYER: lambda: self.viewer.add_labels(_empty(np.uint8), name=CURRENT_LAYER, opacity=0.6),
-            BOXES_LAYER: lambda: self.viewer.add_shapes(
-                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2,
-            ),
-            POINTS_LAYER: lambda: self.viewer.add_points(
+        empty and placed on the last image :meth:`place` was given, and take those that do."""
+        for name in LAYER_NAMES:
+            layer = self.get(name)
+            if layer is None:
+                layer = self._create(name)
+            if self._taken.get(name) is not layer:
+                self._taken[name] = layer
+                self._on_taken(name, layer)
+
+    def _create(self, name: str) -> Layer:
+        placed = {"scale": self._scale, "translate": self._translate}
+        if name == POINTS_LAYER:
+            layer = self.viewer.add_points(
                 name=POINTS_LAYER, ndim=2, face_color="transparent", border_width=0.3,
                 features={"prompt": np.array([], dtype=object)}, property_choices={"prompt": [POSITIVE, NEGATIVE]},
-                border_color="prompt", border_color_cycle=_PROMPT_COLORS,
-            ),
-        }
-        for name, make in create.items():
-            if self.get(name) is None:
-                layer = make()
-                if name == COMMITTED_LAYER:
-                    layer.editable = False  # until an image is annotated (:meth:`ensure`)
-                self._on_created(name, layer)
+                border_color="prompt", border_color_cycle=_PROMPT_COLORS, **placed,
+            )
+            layer.current_size = self._point_size
+            return layer
+        if name == BOXES_LAYER:
+            return self.viewer.add_shapes(
+                name=BOXES_LAYER, ndim=2, face_color="transparent", edge_color="#00ffff", edge_width=2, **placed,
+            )
+        dtype, opacity = _LABELS[name]
+        layer = self.viewer.add_labels(_empty(dtype), name=name, opacity=opacity, **placed)
+        if name == COMMITTED_LAYER:
+            layer.editable = False  # until an image is annotated (:meth:`ensure`)
+        return layer
 
     def place(self, image: Image) -> None:
         """Align the five layers with ``image``'s last two axes (its scale and translation) and size
         the points for it; their data stay as they are. Cheap: no array is allocated."""
-        self.create_missing()
         scale, translate = tuple(image.scale[-2:]), tuple(image.translate[-2:])
         self._scale, self._translate = np.asarray(scale, float), np.asarray(translate, float)
-        for name in (COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER):
+        self._point_size = max(8, max(image.data.shape[-2:]) // 60)
+        for name in LAYER_NAMES:
             layer = self.get(name)
-            if tuple(layer.scale) != scale or tuple(layer.translate) != translate:
+            if layer is not None and (tuple(layer.scale) != scale or tuple(layer.translate) != translate):
                 layer.scale, layer.translate = scale, translate
-        self.get(POINTS_LAYER).current_size = max(8, max(image.data.shape[-2:]) // 60)
+        points = self.get(POINTS_LAYER)
+        if points is not None:
+            points.current_size = self._point_size
 
     def ensure(self, image: Image, committed: np.ndarray, replace: bool) -> None:
         """Show ``committed`` ((H, W) uint32, the plane's objects) over ``image``, with no proposed
@@ -90,6 +121,7 @@ class AnnotatorLayers:
         the committed layer nor ``committed`` holds an object (the caller knows without scanning
         them): a layer of the same shape then stays as it is, since a large image's labels take a
         tenth of a second to show."""
+        self.create_missing()
         self.place(image)
         layer = self.get(COMMITTED_LAYER)
         if replace or layer.data.shape != committed.shape:
@@ -158,7 +190,7 @@ class AnnotatorLayers:
         """Move this annotator's layers above all others, keeping their order: an image opened after
         them (e.g. the other stains of an HPA field) would otherwise cover the prompts and masks."""
         layers = self.viewer.layers
-        ours = {COMMITTED_LAYER, AUTOMATIC_LAYER, CURRENT_LAYER, BOXES_LAYER, POINTS_LAYER}
+        ours = set(LAYER_NAMES)
         indices = [index for index, layer in enumerate(layers) if layer.name in ours]
         if indices and indices != list(range(len(layers) - len(indices), len(layers))):
             layers.move_multiple(indices, len(layers))

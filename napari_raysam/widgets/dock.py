@@ -15,6 +15,7 @@ import gc
 import importlib
 import sys
 import threading
+from collections.abc import Callable
 from types import ModuleType
 
 import napari
@@ -81,14 +82,19 @@ class LoadingDock(QWidget):
         column.addWidget(self._busy)
         column.addStretch(1)
         self._layout.addWidget(placeholder)
+        self._module: ModuleType | None = None
+        self._steps: list[Callable[[], None]] = []
+        self._turns = QTimer(self, singleShot=True, interval=0)  # a child: it dies with the dock (napari closed)
+        self._turns.timeout.connect(self._take_turn)
+        self._imported.connect(self._on_imported)
         # A Python thread, not napari's thread pool: Python waits for it when napari closes meanwhile,
         # where tearing down under a pool worker aborted the process.
-        self._imported.connect(self._on_imported)
         threading.Thread(target=self._import, args=(module,), name=f"import {module}").start()
 
     def _import(self, module: str) -> None:  # in the import thread
         try:
             result = import_without_collections(module)
+            self._warm_up(result)
         except Exception as error:  # noqa: BLE001 - shown in the dock
             result = error
         with contextlib.suppress(RuntimeError):  # the dock was closed meanwhile
@@ -97,8 +103,23 @@ class LoadingDock(QWidget):
     def _on_imported(self, result: ModuleType | Exception) -> None:
         if isinstance(result, Exception):
             self._failed(result)
-        else:  # built on napari's next turn: it draws and answers between the import's collection and the build
-            QTimer.singleShot(0, lambda: self._build(result))
+        else:  # napari draws and answers between the import's collection, each step and the build
+            self._module, self._steps = result, self._steps_before_build(result)
+            self._turns.start()
+
+    def _warm_up(self, module: ModuleType) -> None:
+        """What the import thread does after the import, for napari's thread to do less (here: nothing)."""
+
+    def _steps_before_build(self, module: ModuleType) -> list[Callable[[], None]]:
+        """Work for napari's thread before the dock is built, one step per turn of its event loop (here: none)."""
+        return []
+
+    def _take_turn(self) -> None:
+        if self._steps:
+            self._steps.pop(0)()
+            self._turns.start()
+        else:
+            self._build(self._module)
 
     def _build(self, module: ModuleType) -> None:
         while self._layout.count():  # the placeholder, and the stretch napari put under it
@@ -120,10 +141,24 @@ class LoadingDock(QWidget):
 
 
 class AnnotatorDock(LoadingDock):
-    """The "SAM annotator" dock (:class:`napari_raysam.widgets.annotator.AnnotatorWidget`)."""
+    """The "SAM annotator" dock (:class:`napari_raysam.widgets.annotator.AnnotatorWidget`).
+
+    Its five layers are made before it is built, one per turn of napari's event loop, with napari's
+    labels colouring made ready in the import thread: built at once, they held napari ~1 s.
+    """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, "napari_raysam.widgets.annotator", "AnnotatorWidget")
+
+    def _warm_up(self, module: ModuleType) -> None:
+        from napari_raysam.widgets.annotator_layers import warm_up_labels
+
+        warm_up_labels()
+
+    def _steps_before_build(self, module: ModuleType) -> list[Callable[[], None]]:
+        from napari_raysam.widgets.annotator_layers import AnnotatorLayers
+
+        return AnnotatorLayers(self.viewer, on_taken=lambda name, layer: None).creation_steps()
 
 
 class FinetuneDock(LoadingDock):
