@@ -185,10 +185,24 @@ def running_local_cluster() -> Cluster | None:
 
 
 def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None, timeout: float = 120.0) -> Cluster:
-    """Reuse the embedded local Ray cluster or start one on 127.0.0.1; returns once its Jobs API answers."""
-    cluster = running_local_cluster()
-    if cluster is not None:
-        return cluster
+    """Reuse the embedded local Ray cluster or start one on 127.0.0.1; returns once its Jobs API answers.
+
+    Raises:
+        ClusterError: the recorded cluster does not answer but its processes run (busy, or its
+            dashboard died): a second one beside it would leave those running, unrecorded.
+    """
+    recorded = recorded_local_cluster()
+    if recorded is not None:
+        try:
+            check(recorded, timeout=3)
+            return recorded
+        except ClusterError:
+            if local_cluster_processes(recorded):
+                raise ClusterError(
+                    f"the local Ray cluster (dashboard {recorded.dashboard_url}) runs but does not answer: it may "
+                    "be busy, so try again in a minute; if it still does not answer, `napari-raysam cluster stop` "
+                    "stops it, and the next run starts a new one"
+                ) from None
     home = state_dir()
     home.mkdir(parents=True, exist_ok=True)
     token_path = home / "auth_token"

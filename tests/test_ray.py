@@ -301,7 +301,8 @@ def test_ray_client_addresses_are_refused_with_the_alternative():
 
 def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(capsys):
     """Reused while it answers; `napari-raysam cluster stop` stops its processes, even once its dashboard
-    has died (then nothing answers, and the rest of it ran on, holding memory, with no verb to stop it)."""
+    has died (then nothing answers, and the rest of it ran on, holding memory, with no verb to stop it).
+    Meanwhile no second cluster is started beside it: that left the first one's processes unrecorded."""
     first = clusters.start_local_cluster(num_cpus=1)
     try:
         started = {p.pid for p in clusters.local_cluster_processes(first)}
@@ -316,6 +317,9 @@ def test_the_embedded_cluster_is_reused_and_stopped_by_its_own_processes(capsys)
         dashboard.kill()
         psutil.wait_procs([dashboard], timeout=10)
         assert clusters.running_local_cluster() is None  # it no longer answers
+        with pytest.raises(clusters.ClusterError, match="does not answer.*napari-raysam cluster stop"):
+            clusters.start_local_cluster(num_cpus=1)  # not a second cluster beside the one that runs on
+        assert clusters.recorded_local_cluster().temp_dir == first.temp_dir
         assert main(["cluster", "stop"]) == 0
         assert re.fullmatch(r"stopped \d+ processes\n", capsys.readouterr().out)
     finally:
