@@ -191,18 +191,16 @@ def start_local_cluster(num_cpus: int | None = None, num_gpus: int | None = None
         ClusterError: the recorded cluster does not answer but its processes run (busy, or its
             dashboard died): a second one beside it would leave those running, unrecorded.
     """
+    cluster = running_local_cluster()
+    if cluster is not None:
+        return cluster
     recorded = recorded_local_cluster()
-    if recorded is not None:
-        try:
-            check(recorded, timeout=3)
-            return recorded
-        except ClusterError:
-            if local_cluster_processes(recorded):
-                raise ClusterError(
-                    f"the local Ray cluster (dashboard {recorded.dashboard_url}) runs but does not answer: it may "
-                    "be busy, so try again in a minute; if it still does not answer, `napari-raysam cluster stop` "
-                    "stops it, and the next run starts a new one"
-                ) from None
+    if recorded is not None and local_cluster_processes(recorded):
+        raise ClusterError(
+            f"the local Ray cluster (dashboard {recorded.dashboard_url}) runs but does not answer: it may "
+            "be busy, so try again in a minute; if it still does not answer, `napari-raysam cluster stop` "
+            "stops it, and the next run starts a new one"
+        )
     home = state_dir()
     home.mkdir(parents=True, exist_ok=True)
     token_path = home / "auth_token"

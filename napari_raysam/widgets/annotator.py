@@ -120,7 +120,7 @@ class AnnotatorWidget(QWidget):
         self.layers = AnnotatorLayers(napari_viewer, on_taken=self._layer_taken)
         self._build_ui()
         self._bind_keys()
-        self.layers.create_missing()  # now, once (or taken, made before): adding a layer stalls napari for 0.2-0.6 s once a large image is open
+        self.layers.create_missing()  # now, once: adding a layer stalls napari 0.2-0.6 s once a large image is open
         self.viewer.layers.events.inserted.connect(self._on_layer_inserted)
         self.viewer.layers.events.removed.connect(self._refresh_image_choices)
         self.viewer.dims.events.current_step.connect(self._on_slice_change)
